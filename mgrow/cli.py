@@ -1,0 +1,54 @@
+"""`mgrow` command line: train, verify, data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mgrow.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mgrow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a megatron-core GPT (starts local ranks unless under a launcher)")
+    train.add_argument("--config", required=True, help="training config YAML (configs/*.yaml)")
+    train.add_argument("--nproc", type=int, default=None, help="local ranks to start when not under a launcher")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.steps=20")
+
+    verify = sub.add_parser("verify", help="grow a random model by a plan and check function preservation")
+    from mgrow import verify as verify_cmd
+
+    verify_cmd.add_arguments(verify)
+
+    data = sub.add_parser("data", help="build the indexed byte-level corpus")
+    data.add_argument("--out", default="data/cache/corpus", help="output prefix (.bin/.idx are written)")
+    data.add_argument("--source", action="append", default=None, help="text file or folder (repeatable)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from mgrow.train.launch import train_command
+
+            return train_command(args.config, args.nproc, args.overrides)
+        if args.command == "verify":
+            from mgrow import verify as verify_cmd
+
+            return verify_cmd.run(args)
+        if args.command == "data":
+            from mgrow.data import DEFAULT_SOURCES, build_corpus
+
+            print(build_corpus(args.out, args.source or DEFAULT_SOURCES))
+            return 0
+    except ConfigError as error:
+        print(f"mgrow: error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

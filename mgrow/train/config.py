@@ -1,0 +1,230 @@
+"""Training config: one YAML with model / parallel / optimizer / train / data / wandb sections.
+
+Every section is a dataclass; unknown keys and broken rules raise ConfigError
+naming the dotted field, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from mgrow.data import DEFAULT_SOURCES
+from mgrow.errors import ConfigError
+from mgrow.model_config import ModelConfig
+
+OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: str = "adam"  # adam (Megatron DDP) | megatron (DistributedOptimizer) | zero1 | zero2 | zero3
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    decay_steps: Optional[int] = None  # None: train.steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 0.0  # 0 disables clipping
+
+    @property
+    def zero_stage(self) -> Optional[int]:
+        return int(self.type[-1]) if self.type.startswith("zero") else None
+
+
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    seq_length: int = 64
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 2
+    progress: bool = True
+    metrics_path: Optional[str] = None  # rank 0 appends one JSON line per step / evaluation
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/cache/corpus"
+    # Text to build `path` from when its files are missing; empty: they must exist.
+    sources: tuple = tuple(DEFAULT_SOURCES)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = False
+    project: str = "mgrow"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: tuple = ()
+    mode: str = "offline"
+    dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+    def to_dict(self) -> dict:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parallel", "optimizer", "train", "data", "wandb")}
+        out["model"] = self.model.to_dict()
+        out["deepspeed"] = dict(self.deepspeed)
+        return out
+
+    def check_world(self, world: int) -> int:
+        """Layout rules that need the world size; returns dp."""
+        from mgrow.runtime import check_world
+
+        dp = check_world(self.parallel.tp, self.parallel.pp, world)
+        t, o = self.train, self.optimizer
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{t.global_batch_size} must be divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}",
+            )
+        if o.zero_stage is not None and self.parallel.pp != 1:
+            raise ConfigError("parallel.pp", f"optimizer {o.type} (DeepSpeed ZeRO) runs with pp = 1, got {self.parallel.pp}")
+        return dp
+
+
+_SECTIONS = {
+    "parallel": ParallelConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainLoopConfig,
+    "data": DataConfig,
+    "wandb": WandbConfig,
+}
+
+
+def _section(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(where, f"must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}", f"unknown key; known keys: {', '.join(fields)}")
+        _check_type(f"{where}.{key}", value, fields[key])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default is None or value is None and "Optional" in str(f.type):
+        return
+    expected = type(default)
+    if expected is tuple:
+        ok = isinstance(value, (list, tuple))
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(name, f"must be of type {expected.__name__}, got {value!r}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    o, t = cfg.optimizer, cfg.train
+    if o.type not in OPTIMIZERS:
+        raise ConfigError("optimizer.type", f"must be one of {' | '.join(OPTIMIZERS)}, got {o.type!r}")
+    for name in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval", "eval_batches"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}", "must be >= 1")
+    if t.seq_length > cfg.model.max_sequence_length:
+        raise ConfigError(
+            "train.seq_length", f"{t.seq_length} exceeds model.max_sequence_length {cfg.model.max_sequence_length}"
+        )
+    if not 0 < o.lr or not 0 <= o.min_lr <= o.lr:
+        raise ConfigError("optimizer.min_lr", f"need 0 <= min_lr <= lr and lr > 0, got lr={o.lr}, min_lr={o.min_lr}")
+    decay_steps = o.decay_steps or t.steps
+    if not 0 <= o.warmup_steps < decay_steps:
+        raise ConfigError(
+            "optimizer.warmup_steps",
+            f"must be >= 0 and < the decay steps (optimizer.decay_steps or train.steps = {decay_steps}), "
+            f"got {o.warmup_steps}",
+        )
+    if cfg.model.vocab_size < 256:
+        raise ConfigError("model.vocab_size", f"the byte-level corpus needs >= 256 tokens, got {cfg.model.vocab_size}")
+    cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.pp)
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError("wandb.mode", f"must be offline | online | disabled, got {cfg.wandb.mode!r}")
+    if not cfg.data.sources:
+        from mgrow.data import check_corpus
+
+        check_corpus(cfg.data.path)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(key, "an override key must be section.key, e.g. train.steps")
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(parts[0], "is not a section")
+        section[parts[1]] = yaml.safe_load(value)
+    return raw
+
+
+def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config", "must be a YAML mapping")
+    known = set(_SECTIONS) | {"model", "deepspeed"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(key, f"unknown section; known sections: {', '.join(sorted(known))}")
+    if "model" not in raw:
+        raise ConfigError("model", "required: a mapping of model keys or the path of a model YAML")
+    model = raw["model"]
+    if isinstance(model, str):
+        path = model if os.path.isabs(model) else os.path.join(base_dir, model)
+        if not os.path.exists(path):
+            raise ConfigError("model", f"model file {path} does not exist")
+        with open(path) as f:
+            model = yaml.safe_load(f)
+    sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    deepspeed = raw.get("deepspeed") or {}
+    if not isinstance(deepspeed, dict):
+        raise ConfigError("deepspeed", "must be a mapping of DeepSpeed config keys")
+    cfg = TrainConfig(model=ModelConfig.from_dict(model), deepspeed=deepspeed, **sections)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
+    if not os.path.exists(path):
+        raise ConfigError("--config", f"config file {path} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw = apply_overrides(raw, list(overrides or []))
+    # Paths inside a config resolve against the repository root or cwd, like Megatron-LM's.
+    return from_dict(raw, base_dir=".")

@@ -1,0 +1,222 @@
+"""The three optimizer paths, each wrapping a GPTModel stage behind one small interface.
+
+* ``adam``: megatron DDP + torch AdamW (megatron's ``get_megatron_optimizer``);
+* ``megatron``: megatron DDP + Megatron's DistributedOptimizer (ZeRO-1 style);
+* ``zero1|zero2|zero3``: a DeepSpeed engine with megatron's parallel_state as mpu
+  (through the small adapter in ``ds_mpu``).
+
+All three step the same megatron ``OptimizerParamScheduler`` (linear warmup,
+cosine decay), so their learning rates agree step for step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from mgrow.train.config import TrainConfig
+
+
+def _scheduler(optimizer, cfg: TrainConfig):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=o.decay_steps or cfg.train.steps,
+        lr_decay_style="cosine",
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+
+
+def _lm_loss(labels: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-micro-batch mean token loss (megatron schedules divide by the micro-batch count)."""
+    loss = output_tensor.float().mean()
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator: Iterator, model):
+    tokens = next(data_iterator)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+    output = model(inputs, positions, None, labels=labels)
+    return output, partial(_lm_loss, labels)
+
+
+class MegatronEngine:
+    """Megatron DDP + AdamW or DistributedOptimizer, stepped through megatron's schedules."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.cfg = cfg
+        distributed = cfg.optimizer.type == "megatron"
+        tconfig = model.config
+        self.ddp = DistributedDataParallel(
+            config=tconfig,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+            ),
+            module=model,
+        )
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.beta1,
+                adam_beta2=o.beta2,
+                adam_eps=o.eps,
+                clip_grad=o.clip_grad,
+                use_distributed_optimizer=distributed,
+            ),
+            [self.ddp],
+        )
+        self.scheduler = _scheduler(self.optimizer, cfg)
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.no_sync_func = self.ddp.no_sync
+        tconfig.grad_scale_func = self.optimizer.scale_loss
+
+    @property
+    def module(self):
+        return self.ddp.module
+
+    def _run(self, microbatches: list[torch.Tensor], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.cfg.train
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.ddp],
+            num_microbatches=len(microbatches),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, microbatches: list[torch.Tensor]) -> list[dict]:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.ddp.train()
+        outputs = self._run(microbatches, forward_only=False)
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return outputs
+
+    def eval_step(self, microbatches: list[torch.Tensor]) -> list[dict]:
+        self.ddp.eval()
+        with torch.no_grad():
+            return self._run(microbatches, forward_only=True)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
+    """The DeepSpeed JSON for a ZeRO optimizer path (user keys in ``deepspeed:`` win)."""
+    t, o = cfg.train, cfg.optimizer
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "train_batch_size": t.global_batch_size,
+        "zero_optimization": {"stage": o.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": o.clip_grad,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def _decay_groups(model) -> list[dict]:
+    """megatron's default split: no weight decay on biases and 1-D (norm) parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+    return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed ZeRO engine around the GPTModel (PP = 1)."""
+
+    def __init__(self, model, cfg: TrainConfig, dp: int):
+        import deepspeed
+
+        from mgrow.train import ds_mpu
+
+        self.cfg = cfg
+        o = cfg.optimizer
+        optimizer = torch.optim.AdamW(
+            _decay_groups(model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp), mpu=ds_mpu
+        )
+        self.scheduler = _scheduler(self.optimizer, cfg)
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        output, loss_fn = _forward_step(iter([tokens]), self.engine)
+        return loss_fn(output)[0]
+
+    def train_step(self, microbatches: list[torch.Tensor]) -> list[dict]:
+        self.engine.train()
+        outputs = []
+        for tokens in microbatches:
+            loss = self._loss(tokens)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            outputs.append({"lm loss": loss.detach()})
+        self.scheduler.step(increment=1)
+        return outputs
+
+    def eval_step(self, microbatches: list[torch.Tensor]) -> list[dict]:
+        self.engine.eval()
+        with torch.no_grad():
+            return [{"lm loss": self._loss(tokens).detach()} for tokens in microbatches]
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def build_engine(model, cfg: TrainConfig, dp: int):
+    if cfg.optimizer.zero_stage is not None:
+        return DeepSpeedEngine(model, cfg, dp)
+    return MegatronEngine(model, cfg)
+
+
+def global_mean_loss(outputs: list[dict]) -> float:
+    """Mean 'lm loss' over micro-batches and DP ranks, from the last stage, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    value = torch.zeros(1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and outputs:
+        value[0] = torch.stack([o["lm loss"].double() for o in outputs]).mean()
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+        value /= ps.get_data_parallel_world_size()
+    last_stage = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(value, src=last_stage, group=ps.get_pipeline_model_parallel_group())
+    return float(value[0])

@@ -1,0 +1,118 @@
+"""The training loop of one rank: data -> engine step -> global loss, logged every N steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mgrow.data import TokenWindows, ensure_corpus
+from mgrow.model import build_gpt
+from mgrow.runtime import Layout, init_distributed
+from mgrow.train.config import TrainConfig
+from mgrow.train.engines import build_engine, global_mean_loss
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+
+
+class Batches:
+    """This DP rank's micro-batches of global step ``step`` (same global batch on every layout)."""
+
+    def __init__(self, windows: TokenWindows, cfg: TrainConfig, layout: Layout):
+        t = cfg.train
+        self.windows, self.mbs, self.gbs = windows, t.micro_batch_size, t.global_batch_size
+        self.per_rank = t.global_batch_size // layout.dp
+        self.offset = layout.dp_rank * self.per_rank
+
+    def __call__(self, step: int) -> list[torch.Tensor]:
+        samples = self.windows.samples(step * self.gbs + self.offset, self.per_rank)
+        return list(samples.split(self.mbs))
+
+
+def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainResult:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = cfg.check_world(world)  # refuse before any process group exists
+    if cfg.data.sources:
+        ensure_corpus(cfg.data.path, cfg.data.sources)
+    layout = layout or init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    t = cfg.train
+    train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, layout)
+    valid_batches = Batches(TokenWindows(cfg.data.path, "valid", t.seq_length, t.seed), cfg, layout)
+
+    model = build_gpt(cfg.model, seed=t.seed)
+    engine = build_engine(model, cfg, dp)
+    leader = layout.rank == 0
+    if leader:
+        log(
+            f"mgrow: {cfg.model.num_parameters():,} parameters | tp={layout.tp} pp={layout.pp} dp={layout.dp} "
+            f"| optimizer {cfg.optimizer.type} | global batch {t.global_batch_size} x {t.seq_length} tokens"
+        )
+    metrics = _Metrics(t.metrics_path if leader else None)
+    progress = _progress(t.steps) if leader and t.progress else None
+    result = TrainResult()
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(t.steps):
+        loss = global_mean_loss(engine.train_step(train_batches(step)))
+        result.losses.append(loss)
+        metrics.write(step=step + 1, loss=loss, lr=engine.lr())
+        window_steps += 1
+        if progress:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+        if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
+            elapsed = time.perf_counter() - window_start
+            result.tokens_per_second = window_steps * t.global_batch_size * t.seq_length / elapsed
+            if leader:
+                log(
+                    f"step {step + 1:>5}/{t.steps} | loss {loss:.4f} | lr {engine.lr():.3e} "
+                    f"| {result.tokens_per_second:,.0f} tokens/s"
+                )
+            window_start, window_steps = time.perf_counter(), 0
+        if (t.eval_interval and (step + 1) % t.eval_interval == 0) or step + 1 == t.steps:
+            eval_loss = evaluate(engine, valid_batches, t.eval_batches)
+            result.eval_losses.append((step + 1, eval_loss))
+            metrics.write(step=step + 1, validation_loss=eval_loss)
+            if leader:
+                log(f"step {step + 1:>5}/{t.steps} | validation loss {eval_loss:.4f}")
+    if progress:
+        progress.close()
+    metrics.close()
+    return result
+
+
+def evaluate(engine, batches: Batches, count: int) -> float:
+    return sum(global_mean_loss(engine.eval_step(batches(i))) for i in range(count)) / count
+
+
+class _Metrics:
+    """JSON lines, one per step or evaluation, for plots and tests."""
+
+    def __init__(self, path):
+        self.file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "w")
+
+    def write(self, **record) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
