@@ -1,0 +1,69 @@
+"""The CPU shims stay small, scoped and necessary."""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from mgrow import cpu_shims
+
+
+@pytest.mark.parametrize("module_name, cuda_call", sorted(cpu_shims.PATCHED_MODULES.items()))
+def test_each_patched_module_still_hard_codes_cuda(module_name, cuda_call):
+    """Fails when a megatron-core upgrade drops the CUDA-only call: then drop the module from the shim."""
+    source = inspect.getsource(importlib.import_module(module_name))
+    assert cuda_call in source
+
+
+def test_scoped_wrappers_still_guard_cuda_only_code():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+
+    DistOpt = distrib_optimizer.DistributedOptimizer
+    assert "'torch.cuda.FloatTensor'" in inspect.getsource(DistOpt._build_model_and_main_param_groups)
+    assert "send_tensor.cuda()" in inspect.getsource(DistOpt.get_parameter_state_dp_zero)
+    assert "'torch.cuda.FloatTensor'" in inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
+    assert "weight.data.cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer)
+
+
+def test_shims_are_applied_only_without_cuda(single_rank, monkeypatch):
+    import megatron.core.utils as mc_utils
+    from megatron.core.optimizer import distrib_optimizer
+
+    assert cpu_shims.needed() and cpu_shims.apply()
+    assert mc_utils.torch.cuda.current_device() == "cpu"
+    assert mc_utils.torch.zeros(2, device="cuda").device.type == "cpu"
+    assert distrib_optimizer.DistributedOptimizer.__init__.__mgrow_shim__
+    # torch itself is untouched outside the patched modules.
+    assert torch.zeros is not mc_utils.torch.zeros
+    assert torch.Tensor.type(torch.zeros(1)) == "torch.FloatTensor"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not cpu_shims.needed()
+
+
+def test_cuda_type_names_are_scoped():
+    with cpu_shims._cuda_type_names():
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+def test_rng_tracker_forks_on_cpu(single_rank):
+    """model_parallel_cuda_manual_seed + fork() (dropout) work on CPU and restore the default generator."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(7)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)
+    with tracker.fork():
+        second = torch.rand(3)
+    assert not torch.equal(first, second)  # the tracker's own stream advanced
+    tensor_parallel.model_parallel_cuda_manual_seed(7)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(3), first)
