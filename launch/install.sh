@@ -11,4 +11,4 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "${MGROW_TORCH:-torch==2.13.0}"
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/mgrow data --out data/cache/corpus >/dev/null
-echo "mgrow installed in .venv ($(.venv/bin/python -c 'import torch, megatron.core, deepspeed; print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, deepspeed {deepspeed.__version__}")'))"
+echo "mgrow installed in .venv ($(PYTHONWARNINGS=ignore .venv/bin/python -c 'import torch, megatron.core, deepspeed; print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, deepspeed {deepspeed.__version__}")'))"

@@ -10,6 +10,8 @@ from mgrow.errors import ConfigError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgrow", description=__doc__)
+    # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK is read from the env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a megatron-core GPT (starts local ranks unless under a launcher)")

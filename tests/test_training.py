@@ -53,3 +53,21 @@ def test_layernorm_gelu_tied_learned_positions_on_tp2_pp2(tmp_path):
         losses[(tp, pp)] = step_losses(torchrun(tmp_path, tp * pp, config))
     diff = max(abs(a - b) for a, b in zip(losses[(2, 2)], losses[(1, 1)]))
     assert diff <= 1e-5, losses
+
+
+def test_runs_as_one_rank_under_the_deepspeed_launcher(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import free_port
+    from launch_utils import REPO
+
+    config = write_config(tmp_path, optimizer={"type": "zero1"}, train={"steps": 3})
+    done = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+         "--module", "mgrow.cli", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=240, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tp=1 pp=1 dp=2 | optimizer zero1" in done.stdout
+    assert "step     3/3" in done.stdout
