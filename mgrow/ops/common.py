@@ -1,0 +1,177 @@
+"""What every growth operator shares: its result, the free-entry draws, and the
+machinery that grows a tensor along one axis from a per-axis rule."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from mgrow.errors import ConfigError
+from mgrow.model_config import ModelConfig
+from mgrow.ops.index_map import AxisMap, Kind, TensorMap, along, carry
+
+
+@dataclass(frozen=True)
+class GrowthResult:
+    state: dict[str, torch.Tensor]  # grown full tensors by global name
+    cfg: ModelConfig  # the grown model's dimensions
+    maps: dict[str, TensorMap]  # by grown name: where each entry came from
+
+    def transformer_config(self, tp: int = 1, pp: int = 1):
+        return self.cfg.transformer_config(tp, pp)
+
+
+class FreeValues:
+    """The values of free entries, drawn like a fresh model's.
+
+    Every free entry is N(0, std), except those of norm gains, which are
+    1 + N(0, std) (a fresh norm's gain is 1; a gain near 0 would switch the new
+    coordinate or layer off). One generator per (seed, stream, tensor name)
+    draws a full tensor of the grown shape, and a free entry takes the value at
+    its own position, so the result depends neither on dict order nor on which
+    other entries are free. ``stream`` separates the operators of one plan.
+    """
+
+    def __init__(self, std: float, seed: int, stream: int = 0):
+        self.std, self.seed, self.stream = float(std), int(seed), int(stream)
+
+    def for_stream(self, stream: int) -> "FreeValues":
+        return FreeValues(self.std, self.seed, stream)
+
+    def draw(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        key = hashlib.blake2b(f"{self.seed}/{self.stream}/{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        values = torch.randn(shape, generator=generator, dtype=torch.float32) * self.std
+        return values + 1.0 if is_norm_gain(name) else values
+
+
+def is_norm_gain(name: str) -> bool:
+    return name.endswith("layernorm.weight")
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """How one axis grows inside one operator: the axis map plus, per new index,
+    its Kind; MEAN indices are the mean of the old indices of their block of
+    ``mean_block`` consecutive grown indices."""
+
+    axis: AxisMap
+    kind: torch.Tensor  # uint8 [n_new], OLD exactly where axis.src >= 0
+    mean_block: Optional[int] = None
+
+
+class AxisBuilder:
+    """Builds an :class:`AxisRule` segment by segment, in grown-index order."""
+
+    def __init__(self):
+        self._src: list[torch.Tensor] = []
+        self._scale: list[torch.Tensor] = []
+        self._grad: list[torch.Tensor] = []
+        self._kind: list[torch.Tensor] = []
+
+    def old(self, indices: Iterable[int], scale: float = 1.0, grad_scale: Optional[float] = None) -> "AxisBuilder":
+        src = torch.as_tensor(list(indices), dtype=torch.int64)
+        n = len(src)
+        self._src.append(src)
+        self._scale.append(torch.full((n,), float(scale), dtype=torch.float64))
+        grad = 1.0 / scale if grad_scale is None else float(grad_scale)
+        self._grad.append(torch.full((n,), grad, dtype=torch.float64))
+        self._kind.append(torch.full((n,), int(Kind.OLD), dtype=torch.uint8))
+        return self
+
+    def new(self, count: int, kind: Kind) -> "AxisBuilder":
+        self._src.append(torch.full((count,), -1, dtype=torch.int64))
+        self._scale.append(torch.ones(count, dtype=torch.float64))
+        self._grad.append(torch.ones(count, dtype=torch.float64))
+        self._kind.append(torch.full((count,), int(kind), dtype=torch.uint8))
+        return self
+
+    def build(self, mean_block: Optional[int] = None) -> AxisRule:
+        cat = lambda parts, dtype: torch.cat(parts) if parts else torch.empty(0, dtype=dtype)  # noqa: E731
+        axis = AxisMap(cat(self._src, torch.int64), cat(self._scale, torch.float64), cat(self._grad, torch.float64))
+        return AxisRule(axis, cat(self._kind, torch.uint8), mean_block)
+
+
+def grow_tensor(
+    name: str, old: torch.Tensor, rules: dict[int, AxisRule], values: FreeValues
+) -> tuple[torch.Tensor, TensorMap]:
+    """Grow ``old`` by per-axis rules (axes without a rule are kept); at most one axis may add entries."""
+    ndim = old.dim()
+    axes = tuple(rules[d].axis if d in rules else AxisMap.identity(old.shape[d]) for d in range(ndim))
+    shape = tuple(len(axis) for axis in axes)
+    growing = [d for d, rule in rules.items() if bool(rule.axis.is_new.any())]
+    if len(growing) > 1:
+        raise AssertionError(f"{name}: one operator grows one axis per tensor, got axes {growing}")
+    kind = torch.zeros(shape, dtype=torch.uint8)
+    if growing:
+        dim, rule = growing[0], rules[growing[0]]
+        kind = along(rule.kind, dim, ndim).expand(shape).clone()
+    tmap = TensorMap(name, axes, kind)
+    grown = carry(tmap, old)
+    free = tmap.mask(Kind.FREE)
+    if free.any():
+        grown[free] = values.draw(name, shape)[free]
+    if growing and rule.mean_block is not None:
+        grown = _fill_block_means(grown, dim, rule)
+    return grown, tmap
+
+
+def grow_by_suffix(
+    state: dict[str, torch.Tensor],
+    rules: dict[str, dict[int, AxisRule]],
+    values: FreeValues,
+) -> tuple[dict[str, torch.Tensor], dict[str, TensorMap]]:
+    """Apply ``rules`` (parameter-name suffix -> per-axis rules) to every matching tensor; copy the rest."""
+    grown_state, maps = {}, {}
+    for name, old in state.items():
+        rule = _rule_for(name, rules)
+        if rule is None:
+            grown_state[name], maps[name] = old.clone(), TensorMap.identity(name, tuple(old.shape))
+        else:
+            grown_state[name], maps[name] = grow_tensor(name, old, rule, values)
+    return grown_state, maps
+
+
+def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, op: str) -> None:
+    """Refuse a state dict that cannot be the model ``cfg`` describes."""
+    numel = sum(t.numel() for t in state.values())
+    if numel != cfg.num_parameters():
+        raise ValueError(f"{op}: the state dict holds {numel} parameters, the model config {cfg.num_parameters()}")
+
+
+def replace_config(cfg: ModelConfig, op: str, field: str, **changes) -> ModelConfig:
+    """``cfg.replace`` with a model-rule failure reported against the op's field."""
+    try:
+        return cfg.replace(**changes)
+    except ConfigError as error:
+        raise ConfigError(f"{op}.{field}", error.rule) from None
+
+
+def require_int(op: str, field: str, value, minimum: int, why: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{op}.{field}", f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{op}.{field}", f"must be >= {minimum} ({why}), got {value}")
+    return value
+
+
+def _rule_for(name: str, rules: dict[str, dict[int, AxisRule]]) -> Optional[dict[int, AxisRule]]:
+    for suffix, rule in rules.items():
+        if name == suffix or name.endswith("." + suffix):
+            return rule
+    return None
+
+
+def _fill_block_means(grown: torch.Tensor, dim: int, rule: AxisRule) -> torch.Tensor:
+    block = rule.mean_block
+    moved = grown.movedim(dim, -1)
+    blocks = moved.reshape(*moved.shape[:-1], -1, block).double()
+    old = (~rule.axis.is_new).view(-1, block).double()
+    means = (blocks * old).sum(-1, keepdim=True) / old.sum(-1, keepdim=True)
+    is_mean = (rule.kind == int(Kind.MEAN)).view(-1, block)
+    filled = torch.where(is_mean, means, blocks).to(grown.dtype)
+    return filled.reshape(moved.shape).movedim(-1, dim).contiguous()
+

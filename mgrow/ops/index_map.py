@@ -1,0 +1,174 @@
+"""Index maps: where every entry of a grown tensor comes from.
+
+A growth operator turns an old full state dict into a grown one. For each grown
+tensor a :class:`TensorMap` records, per axis, the old index every new index
+reads (``src``; -1 for a new index) and the factor the copied entries were
+multiplied by (``scale``). An entry is *new* iff ``src`` is -1 on any of its
+axes; every other entry is
+
+    grown[i, j] == scale_0[i] * scale_1[j] * old[src_0[i], src_1[j]].
+
+The per-axis form is the primary one because sharded code slices it: a TP shard
+of a grown tensor reads the matching slice of each axis map.
+
+``kind`` (dense, the grown tensor's shape) says what each entry is: ``OLD``
+(copied or scaled), or a new entry that is ``ZERO`` (must be exactly 0),
+``FREE`` (any value works; drawn from the plan's init distribution) or ``MEAN``
+(a mean of old entries, written by LayerNorm mean padding). A MEAN entry is not
+a copy of any one old entry, so it is treated as new: its optimizer moments
+start at zero, like every other new entry.
+
+Optimizer state follows ``grad_scale``, the factor by which the gradient of a
+copied entry changes at the growth point: ``exp_avg * g`` and
+``exp_avg_sq * g**2``, new entries 0. For an entry whose weight was multiplied
+by c and whose use was compensated by 1/c (K rescale, norm gains, qk-norm
+inputs) g = 1/c, GROWTH_MATH's rule m/c, v/c^2. Hidden replication is the
+exception: a reader's column copy is divided by m but sees the same input and
+the same output gradient, so its gradient is unchanged (g = 1), while every
+residual coordinate copy gets 1/m of the old gradient, so writers' rows and
+norm gains/biases (copied with c = 1) have g = 1/m: m/2 and v/4 for doubling,
+which is staged training's halving and quartering. These factors are the exact
+gradient ratios for every rule except LayerNorm mean padding, whose padded
+coordinates do not follow the old ones under a gradient; there g = 1/c is the
+nominal rule (tests/test_ops_optimizer_state.py measures the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Optional
+
+import torch
+
+
+class Kind(IntEnum):
+    OLD = 0
+    ZERO = 1
+    FREE = 2
+    MEAN = 3
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """One axis of a grown tensor: for each new index, its old index and factors."""
+
+    src: torch.Tensor  # int64 [n_new]: old index, -1 for a new index
+    scale: torch.Tensor  # float64 [n_new]: weight factor (1 for copies and new indices)
+    grad_scale: torch.Tensor  # float64 [n_new]: gradient factor the optimizer moments follow
+
+    @classmethod
+    def identity(cls, n: int) -> "AxisMap":
+        ones = torch.ones(n, dtype=torch.float64)
+        return cls(torch.arange(n), ones, ones.clone())
+
+    @property
+    def is_new(self) -> torch.Tensor:
+        return self.src < 0
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one grown tensor is made from the old tensor ``old_name`` (None: a wholly new tensor)."""
+
+    old_name: Optional[str]
+    axes: tuple[AxisMap, ...]
+    kind: torch.Tensor  # uint8, the grown shape: Kind per entry
+
+    @classmethod
+    def identity(cls, name: str, shape: tuple[int, ...]) -> "TensorMap":
+        return cls(name, tuple(AxisMap.identity(n) for n in shape), torch.zeros(shape, dtype=torch.uint8))
+
+    @classmethod
+    def new_tensor(cls, shape: tuple[int, ...], kind: Kind) -> "TensorMap":
+        axes = tuple(
+            AxisMap(torch.full((n,), -1), torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64))
+            for n in shape
+        )
+        return cls(None, axes, torch.full(shape, int(kind), dtype=torch.uint8))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(len(axis) for axis in self.axes)
+
+    def new_mask(self) -> torch.Tensor:
+        """True for new entries (src is -1 on some axis), from the axis maps alone."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        for dim, axis in enumerate(self.axes):
+            mask |= along(axis.is_new, dim, len(self.axes))
+        return mask
+
+    def mask(self, kind: Kind) -> torch.Tensor:
+        return self.kind == int(kind)
+
+
+def identity_maps(state: dict[str, torch.Tensor]) -> dict[str, TensorMap]:
+    return {name: TensorMap.identity(name, tuple(t.shape)) for name, t in state.items()}
+
+
+def compose(first: dict[str, TensorMap], second: dict[str, TensorMap]) -> dict[str, TensorMap]:
+    """The map of ``second`` applied after ``first``: original tensors -> final tensors."""
+    composed = {}
+    for name, outer in second.items():
+        if outer.old_name is None:
+            composed[name] = outer
+            continue
+        inner = first[outer.old_name]
+        axes = tuple(_compose_axis(a, b) for a, b in zip(inner.axes, outer.axes))
+        inherited = _gather(inner.kind, [axis.src.clamp(min=0) for axis in outer.axes])
+        kind = torch.where(outer.kind != Kind.OLD, outer.kind, inherited)
+        composed[name] = TensorMap(inner.old_name, axes, kind)
+    return composed
+
+
+def carry(tmap: TensorMap, old: Optional[torch.Tensor]) -> torch.Tensor:
+    """``old`` under the map: copied entries times their scale, new entries 0."""
+    return _carry(tmap, old, [axis.scale for axis in tmap.axes])
+
+
+def apply_to_optimizer_state(
+    tmap: TensorMap, exp_avg: Optional[torch.Tensor], exp_avg_sq: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam moments for the grown tensor: m * g and v * g**2 on copied entries, 0 on new ones."""
+    grad = [axis.grad_scale for axis in tmap.axes]
+    return _carry(tmap, exp_avg, grad), _carry(tmap, exp_avg_sq, [g * g for g in grad])
+
+
+def _carry(tmap: TensorMap, old: Optional[torch.Tensor], factors: list[torch.Tensor]) -> torch.Tensor:
+    if tmap.old_name is None or old is None:
+        return torch.zeros(tmap.shape, dtype=old.dtype if old is not None else torch.float32)
+    if old.dim() != len(tmap.axes) or any(
+        axis.src.numel() and int(axis.src.max()) >= n for axis, n in zip(tmap.axes, old.shape)
+    ):
+        raise ValueError(f"{tmap.old_name}: old tensor {tuple(old.shape)} does not fit its map")
+    grown = _gather(old.double(), [axis.src.clamp(min=0) for axis in tmap.axes])
+    for dim, factor in enumerate(factors):
+        grown = grown * along(factor, dim, grown.dim())
+    grown[tmap.new_mask()] = 0.0
+    return grown.to(old.dtype)
+
+
+def _compose_axis(inner: AxisMap, outer: AxisMap) -> AxisMap:
+    copied = outer.src >= 0
+    at = outer.src.clamp(min=0)
+    one = torch.ones((), dtype=torch.float64)
+    return AxisMap(
+        torch.where(copied, inner.src[at], -1),
+        torch.where(copied, outer.scale * inner.scale[at], one),
+        torch.where(copied, outer.grad_scale * inner.grad_scale[at], one),
+    )
+
+
+def _gather(tensor: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    for dim, index in enumerate(indices):
+        tensor = tensor.index_select(dim, index)
+    return tensor
+
+
+def along(values: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return values.view(shape)

@@ -1,0 +1,50 @@
+"""MLP width p -> p' (GROWTH_MATH.md section 1).
+
+fc1 ([p, h], gated [2p, h] = [gate; up]) gets free new rows, inserted into
+each half; its bias free new entries. fc2 ([h, p]) gets zero new columns, so
+the new units add nothing to the output. fc2's bias is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mgrow.model_config import ModelConfig
+from mgrow.ops.common import (
+    AxisBuilder,
+    FreeValues,
+    GrowthResult,
+    check_state,
+    grow_by_suffix,
+    replace_config,
+    require_int,
+)
+from mgrow.ops.index_map import Kind
+
+OP = "mlp"
+
+
+def grown_config(cfg: ModelConfig, ffn_hidden_size: int) -> ModelConfig:
+    require_int(OP, "ffn_hidden_size", ffn_hidden_size, cfg.ffn_hidden_size, "the MLP cannot shrink")
+    return replace_config(cfg, OP, "ffn_hidden_size", ffn_hidden_size=ffn_hidden_size)
+
+
+def grow_mlp(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, ffn_hidden_size: int, *, rng: FreeValues
+) -> GrowthResult:
+    grown = grown_config(cfg, ffn_hidden_size)
+    check_state(state, cfg, OP)
+    p, added = cfg.ffn_hidden_size, grown.ffn_hidden_size - cfg.ffn_hidden_size
+    halves = 2 if cfg.gated_linear_unit else 1
+    fc1 = AxisBuilder()
+    for half in range(halves):  # gated: [gate; up], each half gets its new units
+        fc1.old(range(half * p, (half + 1) * p)).new(added, Kind.FREE)
+    fc1_rows = fc1.build()
+    fc2_columns = AxisBuilder().old(range(p)).new(added, Kind.ZERO).build()
+    rules = {
+        "mlp.linear_fc1.weight": {0: fc1_rows},
+        "mlp.linear_fc1.bias": {0: fc1_rows},
+        "mlp.linear_fc2.weight": {1: fc2_columns},
+    }
+    new_state, maps = grow_by_suffix(state, rules, rng)
+    return GrowthResult(new_state, grown, maps)

@@ -1,0 +1,55 @@
+"""Free entries are drawn from the plan's init: non-zero, the requested std, deterministic from the seed."""
+
+import torch
+
+from mgrow.model_config import ModelConfig
+from mgrow.ops import Kind
+from mgrow.ops.common import is_norm_gain
+from mgrow.plan import apply_plan
+from mgrow.verify import random_state
+
+CFG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, kv_channels=8, ffn_hidden_size=16,
+                  vocab_size=32, max_sequence_length=8)
+PLAN = {"ops": [{"mlp": {"ffn_hidden_size": 400}}, {"hidden": {"hidden_size": 256}}], "init": {"std": 0.05, "seed": 7}}
+
+
+def free_values(result) -> tuple[torch.Tensor, torch.Tensor]:
+    """(free entries of norm gains, all other free entries)."""
+    gains, others = [], []
+    for name, tensor in result.state.items():
+        values = tensor[result.maps[name].mask(Kind.FREE)]
+        (gains if is_norm_gain(name) else others).append(values)
+    return torch.cat(gains), torch.cat(others)
+
+
+def test_free_entries_have_the_requested_std_and_are_non_zero(single_rank):
+    result = apply_plan(random_state(CFG, 0), CFG, PLAN)
+    gains, others = free_values(result)
+    assert others.numel() > 20000 and gains.numel() > 1000
+    assert torch.count_nonzero(others) == others.numel()
+    assert abs(float(others.std()) - 0.05) <= 0.1 * 0.05
+    assert abs(float(others.mean())) <= 0.05 * 0.05
+    # norm gains start like a fresh norm's: 1 + N(0, std)
+    assert abs(float(gains.std()) - 0.05) <= 0.1 * 0.05
+    assert abs(float(gains.mean()) - 1.0) <= 0.1 * 0.05
+
+
+def test_init_std_defaults_to_the_models_init_method_std(single_rank):
+    cfg = CFG.replace(init_method_std=0.03)
+    result = apply_plan(random_state(cfg, 0), cfg, {"ops": PLAN["ops"]})
+    _, others = free_values(result)
+    assert abs(float(others.std()) - 0.03) <= 0.1 * 0.03
+
+
+def test_free_entries_are_deterministic_from_the_seed_and_independent_of_dict_order(single_rank):
+    state = random_state(CFG, 0)
+    first = apply_plan(state, CFG, PLAN)
+    again = apply_plan(dict(reversed(list(state.items()))), CFG, PLAN)
+    other_seed = apply_plan(state, CFG, {**PLAN, "init": {"std": 0.05, "seed": 8}})
+    differing = 0
+    for name, tensor in first.state.items():
+        assert torch.equal(tensor, again.state[name]), name
+        free = first.maps[name].mask(Kind.FREE)
+        assert torch.equal(tensor[~free], other_seed.state[name][~free]), name
+        differing += int((tensor[free] != other_seed.state[name][free]).sum())
+    assert differing == sum(int(m.mask(Kind.FREE).sum()) for m in first.maps.values())
