@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,16 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_s: float = 600)
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
+
+
+def init_single_process(seed: int = 1234) -> Layout:
+    """This process as a world of one rank (TP=1, PP=1) on a free loopback port."""
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    return init_distributed(1, 1, seed)
 
 
 def current_layout() -> Layout:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from typing import Union
 
 import torch
@@ -23,6 +22,7 @@ from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
 from mgrow.ops.common import is_norm_gain
 from mgrow.plan import Plan, apply_plan, load_plan
+from mgrow.runtime import init_single_process
 
 DEFAULT_TOL = 1e-5
 
@@ -104,20 +104,6 @@ def load_model_config(path: str) -> ModelConfig:
         raise ConfigError("--model", f"model file {path} does not exist")
     with open(path) as f:
         return ModelConfig.from_dict(yaml.safe_load(f))
-
-
-def init_single_process() -> None:
-    """This process as a world of one rank with megatron's TP=1, PP=1 groups."""
-    import torch.distributed as dist
-
-    from mgrow.runtime import init_distributed
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    init_distributed(1, 1)
 
 
 def _dims(cfg: ModelConfig) -> dict:

@@ -1,4 +1,3 @@
-import os
 import socket
 
 import pytest
@@ -13,15 +12,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def single_rank():
     """This pytest process as a world of one gloo rank with megatron's TP=1, PP=1 groups."""
-    from mgrow.runtime import current_layout, init_distributed
+    from mgrow.runtime import init_single_process
 
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        os.environ["RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ["LOCAL_RANK"] = "0"
-        return init_distributed(1, 1)
-    return current_layout()
+    return init_single_process()

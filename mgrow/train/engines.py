@@ -11,7 +11,6 @@ cosine decay), so their learning rates agree step for step.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Iterator
 
 import torch
@@ -39,8 +38,8 @@ def _scheduler(optimizer, cfg: TrainConfig):
     )
 
 
-def _lm_loss(labels: torch.Tensor, output_tensor: torch.Tensor):
-    """Per-micro-batch mean token loss (megatron schedules divide by the micro-batch count)."""
+def _lm_loss(output_tensor: torch.Tensor):
+    """Mean of GPTModel's per-token losses (megatron's schedules divide it by the micro-batch count)."""
     loss = output_tensor.float().mean()
     return loss, {"lm loss": loss.detach().clone()}
 
@@ -50,7 +49,7 @@ def _forward_step(data_iterator: Iterator, model):
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
     output = model(inputs, positions, None, labels=labels)
-    return output, partial(_lm_loss, labels)
+    return output, _lm_loss
 
 
 class MegatronEngine:
