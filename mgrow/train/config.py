@@ -1,4 +1,4 @@
-"""Training config: one YAML with model / parallel / optimizer / train / data / wandb sections.
+"""Training config: one YAML with model / parallel / optimizer / train / data / deepspeed sections.
 
 Every section is a dataclass; unknown keys and broken rules raise ConfigError
 naming the dotted field, before any process group or model exists.
@@ -66,28 +66,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class WandbConfig:
-    enabled: bool = False
-    project: str = "mgrow"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: tuple = ()
-    mode: str = "offline"
-    dir: Optional[str] = None
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def to_dict(self) -> dict:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parallel", "optimizer", "train", "data", "wandb")}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parallel", "optimizer", "train", "data")}
         out["model"] = self.model.to_dict()
         out["deepspeed"] = dict(self.deepspeed)
         return out
@@ -113,7 +101,6 @@ _SECTIONS = {
     "optimizer": OptimizerConfig,
     "train": TrainLoopConfig,
     "data": DataConfig,
-    "wandb": WandbConfig,
 }
 
 
@@ -171,8 +158,6 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.model.vocab_size < 256:
         raise ConfigError("model.vocab_size", f"the byte-level corpus needs >= 256 tokens, got {cfg.model.vocab_size}")
     cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.pp)
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError("wandb.mode", f"must be offline | online | disabled, got {cfg.wandb.mode!r}")
     if not cfg.data.sources:
         from mgrow.data import check_corpus
 
