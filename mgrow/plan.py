@@ -26,25 +26,25 @@ import yaml
 
 from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
-from mgrow.ops import FreeValues, GrowthResult, compose, identity_maps
+from mgrow.ops import FreeValues, GrowthResult, TensorMap, compose, identity_maps
 from mgrow.ops import head_dim, heads, hidden, layers, mlp
-from mgrow.ops.common import check_state
+from mgrow.ops.common import OpStep, apply_step, check_state
 
 
 @dataclass(frozen=True)
 class Operator:
     grown_config: Callable[..., ModelConfig]
-    grow: Callable[..., GrowthResult]
+    step: Callable[..., OpStep]
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
 
 
 OPERATORS = {
-    "mlp": Operator(mlp.grown_config, mlp.grow_mlp, ("ffn_hidden_size",)),
-    "heads": Operator(heads.grown_config, heads.grow_heads, ("num_attention_heads",), ("num_query_groups",)),
-    "head_dim": Operator(head_dim.grown_config, head_dim.grow_head_dim, ("kv_channels",)),
-    "hidden": Operator(hidden.grown_config, hidden.grow_hidden, ("hidden_size",), ("method",)),
-    "layers": Operator(layers.grown_config, layers.grow_layers, (), ("insert_before", "num_layers")),
+    "mlp": Operator(mlp.grown_config, mlp.step, ("ffn_hidden_size",)),
+    "heads": Operator(heads.grown_config, heads.step, ("num_attention_heads",), ("num_query_groups",)),
+    "head_dim": Operator(head_dim.grown_config, head_dim.step, ("kv_channels",)),
+    "hidden": Operator(hidden.grown_config, hidden.step, ("hidden_size",), ("method",)),
+    "layers": Operator(layers.grown_config, layers.step, (), ("insert_before", "num_layers")),
 }
 DEFAULT_SEED = 1234
 
@@ -78,6 +78,15 @@ class Plan:
             out.append(cfg)
         return out
 
+    def steps(self, cfg: ModelConfig) -> list[OpStep]:
+        """The ops bound to the models they meet, validated first (nothing is touched)."""
+        self.validate(cfg)
+        out = []
+        for op in self.ops:
+            out.append(OPERATORS[op.name].step(cfg, **op.args))
+            cfg = out[-1].grown
+        return out
+
     def free_values(self, cfg: ModelConfig) -> FreeValues:
         return FreeValues(cfg.init_method_std if self.init.std is None else self.init.std, self.init.seed)
 
@@ -109,14 +118,50 @@ def apply_plan(
 ) -> GrowthResult:
     """Grow ``state`` (model ``cfg``) by every op of ``plan`` in order; ``maps`` lead from ``state`` to the result."""
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
-    plan.validate(cfg)  # every target checked against the model it will meet, before any tensor is touched
+    steps = plan.steps(cfg)  # every target checked against the model it will meet, before any tensor is touched
     check_state(state, cfg, "plan")
     values = plan.free_values(cfg)
     result = GrowthResult(state, cfg, identity_maps(state))
-    for index, op in enumerate(plan.ops):
-        step = OPERATORS[op.name].grow(result.state, result.cfg, **op.args, rng=values.for_stream(index))
-        result = GrowthResult(step.state, step.cfg, compose(result.maps, step.maps))
+    for index, (op, step) in enumerate(zip(plan.ops, steps)):
+        grown = apply_step(step, result.state, values.for_stream(index), op.name)
+        result = GrowthResult(grown.state, grown.cfg, compose(result.maps, grown.maps))
     return result
+
+
+def original_source(steps: list[OpStep], name: str) -> Optional[str]:
+    """The tensor of the model before ``steps`` that grown tensor ``name`` is made from (None: new)."""
+    for step in reversed(steps):
+        name = step.source(name)
+        if name is None:
+            return None
+    return name
+
+
+def grow_one(
+    steps: list[OpStep], values: FreeValues, name: str, original: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, TensorMap]:
+    """Grown tensor ``name`` and its map from ``original`` (the tensor :func:`original_source` names).
+
+    The same ops as :func:`apply_plan`, on one tensor: the sharded mover holds one full parameter at a time.
+    """
+    from mgrow.layouts.megatron import parameter_shapes
+
+    chain = [name]  # the tensor's name before each step, last step first
+    for step in reversed(steps):
+        chain.append(step.source(chain[-1]))
+        if chain[-1] is None:
+            break
+    chain.reverse()
+    first = len(steps) - (len(chain) - 1)  # the step that creates the tensor, or 0
+    tensor, tmap = original, None
+    if original is not None:
+        tmap = TensorMap.identity(chain[0], tuple(original.shape))
+    for index in range(first, len(steps)):
+        step, target = steps[index], chain[index - first + 1]
+        shape = parameter_shapes(step.grown)[target]
+        tensor, step_map = step.grow(target, tensor, shape, values.for_stream(index))
+        tmap = step_map if tmap is None else compose({chain[index - first]: tmap}, {target: step_map})[target]
+    return tensor, tmap
 
 
 def _parse_op(index: int, entry: Any) -> GrowthOp:

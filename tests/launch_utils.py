@@ -68,6 +68,31 @@ def torchrun(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout:
     return JobResult(done.returncode, done.stdout, done.stderr, rank_stderr, records)
 
 
+def spawn_ranks(nproc: int, config: Path, *overrides: str, timeout: float = 120) -> JobResult:
+    """``nproc`` ranks of one job as plain processes with the environment torchrun gives its workers.
+
+    torchrun's agent kills the other workers as soon as one fails, so a rank that
+    fails later than its sibling may never get to print; these ranks live out
+    their own lives, which is what a test of per-rank errors needs.
+    """
+    from conftest import free_port
+
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mgrow.cli", "train", "--config", str(config), *overrides],
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(nproc)
+    ]
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    codes = [proc.returncode for proc in procs]
+    return JobResult(max(codes, key=abs), "".join(o for o, _ in outputs), "".join(e for _, e in outputs),
+                     {rank: e for rank, (_, e) in enumerate(outputs)}, [])
+
+
 def step_losses(result: JobResult) -> list[float]:
     assert result.returncode == 0, result.stderr[-4000:] + "".join(result.rank_stderr.values())[-4000:]
     return [r["loss"] for r in result.metrics if "loss" in r]

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from launch_utils import REPO, torchrun, write_config
+from launch_utils import REPO, spawn_ranks, torchrun, write_config
 
 CASES = [
     # (sections, overrides, ranks, field named in the error)
@@ -24,13 +24,24 @@ CASES = [
 def test_bad_config_fails_on_every_rank(tmp_path, sections, overrides, ranks, field):
     config = write_config(tmp_path, **sections)
     start = time.monotonic()
-    result = torchrun(tmp_path, ranks, config, *overrides, timeout=120)
-    assert result.returncode != 0
+    result = spawn_ranks(ranks, config, *overrides, timeout=120)
     assert time.monotonic() - start < 120
     assert sorted(result.rank_stderr) == list(range(ranks))
     for rank, stderr in result.rank_stderr.items():
         assert f"mgrow: error: {field}:" in stderr, f"rank {rank}: {stderr[-2000:]}"
+    assert result.returncode == 2
     assert "parameters |" not in result.stdout  # no model was built
+
+
+def test_bad_config_under_torchrun_fails_fast(tmp_path):
+    """Under torchrun the first failing rank ends the job (the agent stops the others): no hang, field named."""
+    config = write_config(tmp_path, parallel={"tp": 2}, model={"num_attention_heads": 3, "num_query_groups": 3,
+                                                                 "kv_channels": 8})
+    start = time.monotonic()
+    result = torchrun(tmp_path, 2, config, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120
+    assert any("mgrow: error: model.num_attention_heads:" in e for e in result.rank_stderr.values())
 
 
 def test_local_launcher_refuses_before_starting_ranks(tmp_path):

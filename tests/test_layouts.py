@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -34,3 +36,33 @@ def test_shard_and_merge_round_trip(tp, dim, stride):
 def test_unknown_parameter_is_an_error():
     with pytest.raises(KeyError, match="no megatron layout"):
         table.layout_of("decoder.layers.0.mlp.experts.weight")
+
+
+LAYOUT_MODELS = [
+    dict(),
+    dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope", add_bias_linear=False,
+         share_embeddings_and_output_weights=True),
+    dict(qk_layernorm=True, num_query_groups=2, kv_channels=6),
+    dict(qk_layernorm=True, normalization="RMSNorm", activation="swiglu"),
+]
+
+
+@pytest.mark.parametrize("model", LAYOUT_MODELS, ids=range(len(LAYOUT_MODELS)))
+def test_parameter_shapes_match_a_built_model(single_rank, model):
+    from mgrow.model import build_gpt, gather_full_tensors
+
+    cfg = ModelConfig(**{**dict(num_layers=3, hidden_size=24, num_attention_heads=4, vocab_size=40,
+                                max_sequence_length=8, ffn_hidden_size=20), **model})
+    built = {name: tuple(t.shape) for name, t in gather_full_tensors(build_gpt(cfg), cfg).items()}
+    assert table.parameter_shapes(cfg) == built
+    assert sum(math.prod(s) for s in built.values()) == cfg.num_parameters()
+
+
+def test_stages_of_follows_megatrons_even_split():
+    cfg = ModelConfig(num_layers=4, hidden_size=8, num_attention_heads=2, vocab_size=16, max_sequence_length=4,
+                      share_embeddings_and_output_weights=True)
+    assert [table.stages_of(f"decoder.layers.{i}.mlp.linear_fc1.weight", cfg, 2) for i in range(4)] == [
+        (0,), (0,), (1,), (1,)]
+    assert table.stages_of("embedding.word_embeddings.weight", cfg, 2) == (0, 1)
+    assert table.stages_of("embedding.word_embeddings.weight", cfg, 1) == (0,)
+    assert table.stages_of("decoder.final_layernorm.weight", cfg, 2) == (1,)

@@ -58,7 +58,7 @@ def test_gradients_of_old_entries_follow_grad_scale(single_rank, case):
     result = apply_plan(state, cfg, {"ops": [op]})
     after = gradients(result.cfg, result.state, tokens, labels)
 
-    worst = 0.0
+    compared = 0
     for name, tmap in result.maps.items():
         if tmap.old_name is None:
             continue
@@ -68,5 +68,5 @@ def test_gradients_of_old_entries_follow_grad_scale(single_rank, case):
         error = float((after[name][kept] - expected[kept]).abs().max()) if kept.any() else 0.0
         scale = float(old.abs().max())
         assert error <= 1e-5 * max(scale, 1e-2), f"{name}: gradient off by {error} (max |grad| {scale})"
-        worst = max(worst, error)
-    assert worst < 1e-6
+        compared += int(kept.sum())
+    assert compared > 0

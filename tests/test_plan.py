@@ -130,3 +130,33 @@ def test_plan_files_load_and_round_trip():
     assert plan.init == InitSpec(std=0.02, seed=1234)
     assert load_plan(plan.to_dict()) == plan
     assert load_plan({"ops": [{"mlp": {"ffn_hidden_size": 64}}]}).init == InitSpec(std=None, seed=1234)
+
+
+def test_one_tensor_at_a_time_equals_the_whole_state(single_rank):
+    """grow_one (what the sharded mover runs per parameter) gives apply_plan's tensors and maps bit for bit."""
+    from mgrow.layouts.megatron import parameter_shapes
+    from mgrow.plan import grow_one, original_source
+    from mgrow.verify import random_state
+
+    cfg = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=2, kv_channels=4,
+                      ffn_hidden_size=24, vocab_size=40, max_sequence_length=8, qk_layernorm=True)
+    plan = load_plan({"ops": [{"layers": {"insert_before": [1]}}, {"mlp": {"ffn_hidden_size": 32}},
+                              {"hidden": {"hidden_size": 24}}, {"heads": {"num_attention_heads": 6}},
+                              {"head_dim": {"kv_channels": 6}}, {"layers": {"insert_before": [0], "num_layers": 5}}],
+                      "init": {"std": 0.02, "seed": 9}})
+    state = random_state(cfg, seed=3)
+    whole = apply_plan(state, cfg, plan)
+    steps, values = plan.steps(cfg), plan.free_values(cfg)
+    assert list(parameter_shapes(whole.cfg)) == list(whole.state)
+    new_layers = 0
+    for name, expected in whole.state.items():
+        source = original_source(steps, name)
+        tensor, tmap = grow_one(steps, values, name, None if source is None else state[source])
+        assert torch.equal(tensor, expected), name
+        assert tmap.old_name == whole.maps[name].old_name == source, name
+        assert torch.equal(tmap.kind, whole.maps[name].kind), name
+        for mine, theirs in zip(tmap.axes, whole.maps[name].axes):
+            assert torch.equal(mine.src, theirs.src) and torch.equal(mine.scale, theirs.scale), name
+            assert torch.equal(mine.grad_scale, theirs.grad_scale), name
+        new_layers += source is None
+    assert new_layers > 0

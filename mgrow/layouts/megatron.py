@@ -3,8 +3,10 @@
 One row per parameter-name pattern: the tensor-parallel partition dim and
 stride, as megatron's ``_initialize_affine_weight_cpu`` splits a full master
 weight (LIBRARY_FACTS.md A1). Names here are *global* names: ``decoder.layers.{i}``
-uses the 0-based layer index across all pipeline stages. Growth operators never
-read this table; the shard movers and weight initialisers do.
+uses the 0-based layer index across all pipeline stages. :func:`parameter_shapes`
+names every global tensor of a model and its full shape; :func:`stages_of` says
+which pipeline stages hold it. Growth operators read only the names and shapes;
+the shard movers and weight initialisers read the partitioning too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from mgrow.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,54 @@ def tp_merge(shards: list[torch.Tensor], layout: TensorLayout) -> torch.Tensor:
     dim, stride = layout.partition_dim, layout.stride
     per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
     return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every global parameter of a GPTModel built from ``cfg`` and its full (unsharded) shape.
+
+    The tied output layer is the word embedding (no ``output_layer.weight``);
+    tests/test_layouts.py checks this against a built model.
+    """
+    h, V, k, p = cfg.hidden_size, cfg.vocab_size, cfg.kv_channels, cfg.ffn_hidden_size
+    E, G = cfg.num_attention_heads, cfg.num_query_groups
+    norm = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
+    linear = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
+    fc1_rows = 2 * p if cfg.gated_linear_unit else p
+    per_layer: dict[str, tuple[int, ...]] = {f"input_layernorm.{n}": (h,) for n in norm}
+    for part, rows, cols in (("linear_qkv", (E + 2 * G) * k, h), ("linear_proj", h, E * k)):
+        for n in linear:
+            bias_rows = rows if part == "linear_qkv" else h
+            per_layer[f"self_attention.{part}.{n}"] = (rows, cols) if n == "weight" else (bias_rows,)
+    if cfg.qk_layernorm:
+        for which in ("q", "k"):
+            per_layer.update({f"self_attention.{which}_layernorm.{n}": (k,) for n in norm})
+    per_layer.update({f"pre_mlp_layernorm.{n}": (h,) for n in norm})
+    for part, rows, cols in (("linear_fc1", fc1_rows, h), ("linear_fc2", h, p)):
+        for n in linear:
+            per_layer[f"mlp.{part}.{n}"] = (rows, cols) if n == "weight" else (rows,)
+
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (V, h)}
+    if cfg.position_embedding_type == "learned_absolute":
+        shapes["embedding.position_embeddings.weight"] = (cfg.max_sequence_length, h)
+    for index in range(cfg.num_layers):
+        shapes.update({f"decoder.layers.{index}.{suffix}": shape for suffix, shape in per_layer.items()})
+    shapes.update({f"decoder.final_layernorm.{n}": (h,) for n in norm})
+    if not cfg.share_embeddings_and_output_weights:
+        shapes["output_layer.weight"] = (V, h)
+    return shapes
+
+
+def stages_of(name: str, cfg: ModelConfig, pp: int) -> tuple[int, ...]:
+    """The pipeline stages holding global parameter ``name`` (layers split evenly, megatron's default).
+
+    With tied embeddings and pp > 1 the last stage keeps its own copy of the word
+    embedding as its output layer (megatron-core ``LanguageModule``).
+    """
+    index = layer_index(name)
+    if index is not None:
+        return (index // (cfg.num_layers // pp),)
+    if name == "embedding.word_embeddings.weight" and cfg.share_embeddings_and_output_weights and pp > 1:
+        return (0, pp - 1)
+    if name.startswith("embedding."):
+        return (0,)
+    return (pp - 1,)

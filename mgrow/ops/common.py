@@ -119,20 +119,52 @@ def grow_tensor(
     return grown, tmap
 
 
-def grow_by_suffix(
-    state: dict[str, torch.Tensor],
-    rules: dict[str, dict[int, AxisRule]],
-    values: FreeValues,
-) -> tuple[dict[str, torch.Tensor], dict[str, TensorMap]]:
-    """Apply ``rules`` (parameter-name suffix -> per-axis rules) to every matching tensor; copy the rest."""
-    grown_state, maps = {}, {}
-    for name, old in state.items():
-        rule = _rule_for(name, rules)
+class OpStep:
+    """One operator applied to one model, tensor by tensor.
+
+    ``source(name)`` is the tensor of the model before the op that grown tensor
+    ``name`` is made from (None: a wholly new tensor); ``grow`` makes it. The
+    whole-state operators and the sharded mover (one full parameter at a time)
+    both run these two calls, so the math lives here only once.
+    """
+
+    cfg: ModelConfig  # the model before the op
+    grown: ModelConfig  # the model after it
+
+    def source(self, name: str) -> Optional[str]:
+        return name
+
+    def grow(
+        self, name: str, old: Optional[torch.Tensor], shape: tuple[int, ...], values: FreeValues
+    ) -> tuple[torch.Tensor, TensorMap]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SuffixRules(OpStep):
+    """Grow every tensor whose name ends in a key of ``rules`` by that key's per-axis rules; copy the rest."""
+
+    cfg: ModelConfig
+    grown: ModelConfig
+    rules: dict[str, dict[int, AxisRule]]
+
+    def grow(self, name, old, shape, values):
+        rule = _rule_for(name, self.rules)
         if rule is None:
-            grown_state[name], maps[name] = old.clone(), TensorMap.identity(name, tuple(old.shape))
-        else:
-            grown_state[name], maps[name] = grow_tensor(name, old, rule, values)
-    return grown_state, maps
+            return old.clone(), TensorMap.identity(name, tuple(old.shape))
+        return grow_tensor(name, old, rule, values)
+
+
+def apply_step(step: OpStep, state: dict[str, torch.Tensor], values: FreeValues, op: str) -> GrowthResult:
+    """Run ``step`` over a whole full state dict."""
+    from mgrow.layouts.megatron import parameter_shapes
+
+    check_state(state, step.cfg, op)
+    grown_state, maps = {}, {}
+    for name, shape in parameter_shapes(step.grown).items():
+        source = step.source(name)
+        grown_state[name], maps[name] = step.grow(name, None if source is None else state[source], shape, values)
+    return GrowthResult(grown_state, step.grown, maps)
 
 
 def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, op: str) -> None:

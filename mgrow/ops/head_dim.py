@@ -38,8 +38,8 @@ from mgrow.ops.common import (
     AxisBuilder,
     FreeValues,
     GrowthResult,
-    check_state,
-    grow_by_suffix,
+    SuffixRules,
+    apply_step,
     replace_config,
     require_int,
 )
@@ -67,8 +67,11 @@ def rotary_percent_for(rotary_dim: int, kv_channels: int) -> float:
 def grow_head_dim(
     state: dict[str, torch.Tensor], cfg: ModelConfig, kv_channels: int, *, rng: FreeValues
 ) -> GrowthResult:
+    return apply_step(step(cfg, kv_channels), state, rng, OP)
+
+
+def step(cfg: ModelConfig, kv_channels: int) -> SuffixRules:
     grown = grown_config(cfg, kv_channels)
-    check_state(state, cfg, OP)
     k, k2 = cfg.kv_channels, grown.kv_channels
     added = k2 - k
     s = math.sqrt(k2 / k)
@@ -106,5 +109,4 @@ def grow_head_dim(
             "self_attention.k_layernorm.weight": norm(k_rescale / s, Kind.FREE),
             "self_attention.k_layernorm.bias": norm(k_rescale, Kind.ZERO),
         })
-    new_state, maps = grow_by_suffix(state, rules, rng)
-    return GrowthResult(new_state, grown, maps)
+    return SuffixRules(cfg, grown, rules)

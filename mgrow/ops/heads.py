@@ -22,8 +22,8 @@ from mgrow.ops.common import (
     AxisBuilder,
     FreeValues,
     GrowthResult,
-    check_state,
-    grow_by_suffix,
+    SuffixRules,
+    apply_step,
     replace_config,
     require_int,
 )
@@ -60,8 +60,11 @@ def grow_heads(
     *,
     rng: FreeValues,
 ) -> GrowthResult:
+    return apply_step(step(cfg, num_attention_heads, num_query_groups), state, rng, OP)
+
+
+def step(cfg: ModelConfig, num_attention_heads: int, num_query_groups: Optional[int] = None) -> SuffixRules:
     grown = grown_config(cfg, num_attention_heads, num_query_groups)
-    check_state(state, cfg, OP)
     k = cfg.kv_channels
     G, n = cfg.num_query_groups, cfg.heads_per_group
     G2, n2 = grown.num_query_groups, grown.heads_per_group
@@ -81,5 +84,4 @@ def grow_heads(
         "self_attention.linear_qkv.bias": {0: qkv_rows},
         "self_attention.linear_proj.weight": {1: proj.build()},
     }
-    new_state, maps = grow_by_suffix(state, rules, rng)
-    return GrowthResult(new_state, grown, maps)
+    return SuffixRules(cfg, grown, rules)

@@ -41,8 +41,8 @@ from mgrow.ops.common import (
     AxisRule,
     FreeValues,
     GrowthResult,
-    check_state,
-    grow_by_suffix,
+    SuffixRules,
+    apply_step,
     replace_config,
     require_int,
 )
@@ -87,14 +87,22 @@ def grown_config(cfg: ModelConfig, hidden_size: int, method: str = "auto") -> Mo
 def grow_hidden(
     state: dict[str, torch.Tensor], cfg: ModelConfig, hidden_size: int, method: str = "auto", *, rng: FreeValues
 ) -> GrowthResult:
+    return apply_step(step(cfg, hidden_size, method), state, rng, OP)
+
+
+def step(cfg: ModelConfig, hidden_size: int, method: str = "auto") -> SuffixRules:
     grown = grown_config(cfg, hidden_size, method)
-    check_state(state, cfg, OP)
     if method == "replicate":
-        return _replicate(state, cfg, grown, rng)
-    return _pad(state, cfg, grown, Kind.MEAN if cfg.normalization == "LayerNorm" else Kind.ZERO, rng)
+        return _replicate_rules(cfg, grown)
+    return _pad_rules(cfg, grown, Kind.MEAN if cfg.normalization == "LayerNorm" else Kind.ZERO)
 
 
 def _pad(state, cfg: ModelConfig, grown: ModelConfig, padding: Kind, rng: FreeValues) -> GrowthResult:
+    """Pad the residual with ``padding`` (Kind.ZERO or Kind.MEAN); tests break the rule through this."""
+    return apply_step(_pad_rules(cfg, grown, padding), state, rng, OP)
+
+
+def _pad_rules(cfg: ModelConfig, grown: ModelConfig, padding: Kind) -> SuffixRules:
     """Pad the residual with ``padding`` (Kind.ZERO or Kind.MEAN) into ``grown``'s width and epsilon."""
     h, h2 = cfg.hidden_size, grown.hidden_size
     added = h2 - h
@@ -113,11 +121,10 @@ def _pad(state, cfg: ModelConfig, grown: ModelConfig, padding: Kind, rng: FreeVa
         qk_rows = _scale_query_key_rows(cfg, shrink)
         rules["self_attention.linear_qkv.weight"] = {0: qk_rows, 1: reader}
         rules["self_attention.linear_qkv.bias"] = {0: qk_rows}
-    new_state, maps = grow_by_suffix(state, rules, rng)
-    return GrowthResult(new_state, grown, maps)
+    return SuffixRules(cfg, grown, rules)
 
 
-def _replicate(state, cfg: ModelConfig, grown: ModelConfig, rng: FreeValues) -> GrowthResult:
+def _replicate_rules(cfg: ModelConfig, grown: ModelConfig) -> SuffixRules:
     h, m = cfg.hidden_size, grown.hidden_size // cfg.hidden_size
 
     def copies(scale: float, grad_scale: float) -> AxisRule:
@@ -130,8 +137,7 @@ def _replicate(state, cfg: ModelConfig, grown: ModelConfig, rng: FreeValues) -> 
         divided = norm == "final_layernorm" and cfg.share_embeddings_and_output_weights
         rule = copies(1.0 / m, 1.0) if divided else writer
         rules[f"{norm}.weight"] = rules[f"{norm}.bias"] = {0: rule}
-    new_state, maps = grow_by_suffix(state, rules, rng)
-    return GrowthResult(new_state, grown, maps)
+    return SuffixRules(cfg, grown, rules)
 
 
 def _scale_query_key_rows(cfg: ModelConfig, factor: float) -> AxisRule:

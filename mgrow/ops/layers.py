@@ -13,6 +13,7 @@ renumbered layer computes the same scores up to rounding: nothing to change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from mgrow.errors import ConfigError
 from mgrow.layouts.megatron import layer_index, renumber
 from mgrow.model_config import ModelConfig
-from mgrow.ops.common import FreeValues, GrowthResult, check_state, replace_config, require_int
+from mgrow.ops.common import FreeValues, GrowthResult, OpStep, apply_step, replace_config, require_int
 from mgrow.ops.index_map import Kind, TensorMap
 
 OP = "layers"
@@ -70,28 +71,29 @@ def grow_layers(
     *,
     rng: FreeValues,
 ) -> GrowthResult:
-    order = layer_order(cfg, insert_before, num_layers)
-    grown = grown_config(cfg, insert_before, num_layers)
-    check_state(state, cfg, OP)
-    template = {name.split(".", 3)[3]: t.shape for name, t in state.items() if layer_index(name) == 0}
+    return apply_step(step(cfg, insert_before, num_layers), state, rng, OP)
 
-    new_state: dict[str, torch.Tensor] = {}
-    maps: dict[str, TensorMap] = {}
-    for name, tensor in state.items():  # embeddings first; layers and the rest are added below
-        if name.startswith("embedding."):
-            new_state[name], maps[name] = tensor.clone(), TensorMap.identity(name, tuple(tensor.shape))
-    for new_index, old_index in enumerate(order):
-        for suffix, shape in template.items():
-            name = f"decoder.layers.{new_index}.{suffix}"
-            if old_index is None:
-                kind = Kind.ZERO if suffix in ZERO_IN_NEW_LAYER else Kind.FREE
-                maps[name] = TensorMap.new_tensor(tuple(shape), kind)
-                new_state[name] = rng.draw(name, tuple(shape)) if kind == Kind.FREE else torch.zeros(shape)
-            else:
-                old_name = renumber(name, old_index)
-                new_state[name] = state[old_name].clone()
-                maps[name] = TensorMap.identity(old_name, tuple(shape))
-    for name, tensor in state.items():
-        if layer_index(name) is None and not name.startswith("embedding."):
-            new_state[name], maps[name] = tensor.clone(), TensorMap.identity(name, tuple(tensor.shape))
-    return GrowthResult(new_state, grown, maps)
+
+def step(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None) -> "LayerInsert":
+    return LayerInsert(cfg, grown_config(cfg, insert_before, num_layers), tuple(layer_order(cfg, insert_before, num_layers)))
+
+
+@dataclass(frozen=True)
+class LayerInsert(OpStep):
+    cfg: ModelConfig
+    grown: ModelConfig
+    order: tuple  # per grown layer: its old index, or None for a new layer
+
+    def source(self, name: str) -> Optional[str]:
+        index = layer_index(name)
+        if index is None:
+            return name
+        old = self.order[index]
+        return None if old is None else renumber(name, old)
+
+    def grow(self, name, old, shape, values):
+        if old is not None:
+            return old.clone(), TensorMap.identity(self.source(name), tuple(old.shape))
+        kind = Kind.ZERO if name.split(".", 3)[3] in ZERO_IN_NEW_LAYER else Kind.FREE
+        tensor = values.draw(name, shape) if kind == Kind.FREE else torch.zeros(shape)
+        return tensor, TensorMap.new_tensor(shape, kind)

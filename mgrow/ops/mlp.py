@@ -14,8 +14,8 @@ from mgrow.ops.common import (
     AxisBuilder,
     FreeValues,
     GrowthResult,
-    check_state,
-    grow_by_suffix,
+    SuffixRules,
+    apply_step,
     replace_config,
     require_int,
 )
@@ -32,8 +32,11 @@ def grown_config(cfg: ModelConfig, ffn_hidden_size: int) -> ModelConfig:
 def grow_mlp(
     state: dict[str, torch.Tensor], cfg: ModelConfig, ffn_hidden_size: int, *, rng: FreeValues
 ) -> GrowthResult:
+    return apply_step(step(cfg, ffn_hidden_size), state, rng, OP)
+
+
+def step(cfg: ModelConfig, ffn_hidden_size: int) -> SuffixRules:
     grown = grown_config(cfg, ffn_hidden_size)
-    check_state(state, cfg, OP)
     p, added = cfg.ffn_hidden_size, grown.ffn_hidden_size - cfg.ffn_hidden_size
     halves = 2 if cfg.gated_linear_unit else 1
     fc1 = AxisBuilder()
@@ -46,5 +49,4 @@ def grow_mlp(
         "mlp.linear_fc1.bias": {0: fc1_rows},
         "mlp.linear_fc2.weight": {1: fc2_columns},
     }
-    new_state, maps = grow_by_suffix(state, rules, rng)
-    return GrowthResult(new_state, grown, maps)
+    return SuffixRules(cfg, grown, rules)
