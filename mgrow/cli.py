@@ -49,6 +49,13 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"mgrow: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        from mgrow.growth import GrowthError
+
+        if not isinstance(error, GrowthError):
+            raise
+        print(f"mgrow: error: {error}", file=sys.stderr)
+        return 1
     return 1
 
 

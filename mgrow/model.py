@@ -13,11 +13,12 @@ from mgrow.layouts import megatron as layout_table
 from mgrow.model_config import ModelConfig
 
 
-def build_gpt(cfg: ModelConfig, seed: int = 1234, init: Optional[dict] = None):
+def build_gpt(cfg: ModelConfig, seed: int = 1234, init: Optional[dict] = None, initialize: bool = True):
     """This rank's GPTModel stage (megatron's parallel_state must be initialised).
 
     Weights come from :func:`canonical_init` (or from ``init``, a dict of global
     name -> full tensor), so every TP/PP layout of one seed holds the same model.
+    ``initialize=False`` leaves megatron's own initialisation (the caller fills every weight).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -34,7 +35,8 @@ def build_gpt(cfg: ModelConfig, seed: int = 1234, init: Optional[dict] = None):
         post_process=ps.is_pipeline_last_stage(),
         **cfg.gpt_model_kwargs(),
     )
-    load_full_tensors(model, cfg, init if init is not None else _CanonicalInit(cfg, seed))
+    if initialize:
+        load_full_tensors(model, cfg, init if init is not None else _CanonicalInit(cfg, seed))
     return model
 
 

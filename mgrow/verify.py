@@ -27,23 +27,77 @@ from mgrow.runtime import init_single_process
 DEFAULT_TOL = 1e-5
 
 
+OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
-    parser.add_argument("--plan", required=True, help="growth plan YAML (e.g. configs/plans/all_ops.yaml)")
+    parser.add_argument("--plan", required=True, action="append",
+                        help="growth plan YAML (e.g. configs/plans/all_ops.yaml); repeat to check several")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="largest max-abs logit difference accepted")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random model and tokens")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (sharded check)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (sharded check)")
+    parser.add_argument("--dp", type=int, default=1, help="data parallel size (sharded check)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="optimizer path of the sharded check (default adam); without it and at "
+                             "tp = pp = dp = 1 the reference operators are checked alone")
 
 
 def run(args) -> int:
     cfg = load_model_config(args.model)
-    plan = load_plan(args.plan)
-    plan.validate(cfg)  # refuse an impossible plan before starting megatron
+    plans = [load_plan(path) for path in args.plan]
+    sharded = args.optimizer is not None or (args.tp, args.pp, args.dp) != (1, 1, 1)
+    for plan in plans:
+        plan.validate(cfg)  # refuse an impossible plan before starting megatron, on every rank
+    if sharded:
+        return _run_sharded(args, cfg, plans)
     init_single_process()
-    report = reference_check(cfg, plan, seed=args.seed)
-    report["tol"] = args.tol
-    report["ok"] = report["max_abs_logit_diff"] <= args.tol
-    print(json.dumps(report), flush=True)
-    return 0 if report["ok"] else 1
+    for plan in plans:
+        report = reference_check(cfg, plan, seed=args.seed)
+        report["tol"] = args.tol
+        report["ok"] = report["max_abs_logit_diff"] <= args.tol
+        print(json.dumps(report), flush=True)
+        if not report["ok"]:
+            return 1
+    return 0
+
+
+def _run_sharded(args, cfg: ModelConfig, plans: list[Plan]) -> int:
+    from mgrow.train.launch import spawn_local, under_launcher
+
+    optimizer = args.optimizer or "adam"
+    for flag in ("tp", "pp", "dp"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ConfigError(f"--{flag}", f"must be >= 1, got {value}")
+    if optimizer.startswith("zero") and args.pp != 1:
+        raise ConfigError("--pp", f"optimizer {optimizer} (DeepSpeed ZeRO) runs with pp = 1, got {args.pp}")
+    try:
+        cfg.check_layout(args.tp, args.pp)
+    except ConfigError as error:
+        raise ConfigError(f"--model ({error.field})", error.rule) from None
+    for index, plan in enumerate(plans):
+        try:
+            plan.validate(cfg)[-1].check_layout(args.tp, args.pp)
+        except ConfigError as error:
+            raise ConfigError(f"--plan {args.plan[index]}", f"the grown model breaks {error}") from None
+    world = args.tp * args.pp * args.dp
+    if not under_launcher():
+        argv = ["verify", "--model", args.model, "--tol", str(args.tol), "--seed", str(args.seed),
+                "--tp", str(args.tp), "--pp", str(args.pp), "--dp", str(args.dp), "--optimizer", optimizer]
+        for path in args.plan:
+            argv += ["--plan", path]
+        return spawn_local(world, argv)
+    if int(os.environ["WORLD_SIZE"]) != world:
+        raise ConfigError("--dp", f"tp*pp*dp = {world} must equal the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}")
+    from mgrow.growth import verify_job
+    from mgrow.runtime import shutdown
+
+    try:
+        return verify_job.run(cfg, plans, args.tp, args.pp, optimizer, args.seed, args.tol)
+    finally:
+        shutdown()
 
 
 def reference_check(

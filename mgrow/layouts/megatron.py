@@ -140,3 +140,54 @@ def stages_of(name: str, cfg: ModelConfig, pp: int) -> tuple[int, ...]:
     if name.startswith("embedding."):
         return (0,)
     return (pp - 1,)
+
+
+def tp_unit(name: str, cfg: ModelConfig) -> int:
+    """Entries along the TP partition dim that must stay together on one rank: a query group of QKV
+    rows ([its heads' Q, K, V] x head dim), its heads' columns of linear_proj; single rows elsewhere."""
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return (cfg.heads_per_group + 2) * cfg.kv_channels
+    if name.endswith("linear_proj.weight"):
+        return cfg.heads_per_group * cfg.kv_channels
+    return 1
+
+
+def shard_local_order(
+    src: torch.Tensor, old_len: int, layout: TensorLayout, tp: int, unit: int
+) -> Optional[torch.Tensor]:
+    """The order of a grown TP-partitioned axis that keeps every old unit on the rank that held it.
+
+    ``src`` is the axis map of the grown axis in reference order (old index or
+    -1). Units (``unit`` consecutive entries) made from old entries go to the
+    rank that held those entries, in their order; new units are dealt out
+    evenly after them. Taking the grown tensor in this order and splitting it as
+    megatron does leaves each rank's old units where they were, so per-rank
+    sums keep their order and growth moves no data between TP ranks. None when
+    the old layout cannot be kept (a unit spread over ranks, e.g. fewer query
+    groups than TP ranks): the grown tensor is then split in reference order.
+    """
+    blocks = layout.stride
+    new_block, old_block = len(src) // blocks, old_len // blocks
+    if new_block % unit or new_block % (unit * tp) or old_block % tp:
+        return None
+    per_rank_units, old_chunk = new_block // (unit * tp), old_block // tp
+    order = []
+    for block in range(blocks):
+        local = src[block * new_block : (block + 1) * new_block]
+        ranks: list[list[int]] = [[] for _ in range(tp)]
+        new_units = []
+        for first in range(0, new_block, unit):
+            entries = local[first : first + unit]
+            old = entries[entries >= 0] - block * old_block
+            owners = set((old // old_chunk).tolist())
+            if len(owners) > 1:
+                return None
+            (ranks[owners.pop()] if owners else new_units).append(first)
+        for rank in range(tp):
+            take = per_rank_units - len(ranks[rank])
+            if take < 0 or take > len(new_units):
+                return None
+            ranks[rank] += new_units[:take]
+            new_units = new_units[take:]
+        order += [block * new_block + first + i for rank in ranks for first in rank for i in range(unit)]
+    return torch.tensor(order, dtype=torch.int64)

@@ -52,6 +52,17 @@ def _forward_step(data_iterator: Iterator, model):
     return output, _lm_loss
 
 
+def _keep_logits(output_tensor: torch.Tensor):
+    return output_tensor.float().sum() * 0.0, {"logits": output_tensor.detach().clone()}
+
+
+def _logits_step(data_iterator: Iterator, model):
+    """Logits (this TP rank's vocab slice, [b, s, V/tp]) instead of the loss."""
+    tokens = next(data_iterator)
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    return model(tokens, positions, None), _keep_logits
+
+
 class MegatronEngine:
     """Megatron DDP + AdamW or DistributedOptimizer, stepped through megatron's schedules."""
 
@@ -94,17 +105,16 @@ class MegatronEngine:
     def module(self):
         return self.ddp.module
 
-    def _run(self, microbatches: list[torch.Tensor], forward_only: bool) -> list[dict]:
+    def _run(self, microbatches: list[torch.Tensor], forward_only: bool, step=_forward_step) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        t = self.cfg.train
         return get_forward_backward_func()(
-            forward_step_func=_forward_step,
+            forward_step_func=step,
             data_iterator=iter(microbatches),
             model=[self.ddp],
             num_microbatches=len(microbatches),
-            seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size,
+            seq_length=microbatches[0].shape[1] - (0 if step is _logits_step else 1),
+            micro_batch_size=microbatches[0].shape[0],
             forward_only=forward_only,
         )
 
@@ -124,6 +134,21 @@ class MegatronEngine:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def logits(self, tokens: torch.Tensor):
+        """This rank's logits slice for ``tokens`` [b, s] on the last stage; None elsewhere."""
+        self.ddp.eval()
+        with torch.no_grad():
+            outputs = self._run([tokens], forward_only=True, step=_logits_step)
+        return outputs[0]["logits"] if outputs else None
+
+    def optimizer_state(self):
+        from mgrow.layouts.optimizer_state import for_megatron
+
+        return for_megatron(self.optimizer)
+
+    def destroy(self) -> None:
+        pass  # nothing outside Python's reach: the buffers go with the last reference
 
 
 def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
@@ -199,6 +224,20 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        with torch.no_grad():
+            return self.engine(tokens, positions, None).detach().clone()
+
+    def optimizer_state(self):
+        from mgrow.layouts.optimizer_state import ZeroState
+
+        return ZeroState(self.optimizer)
+
+    def destroy(self) -> None:
+        self.engine.destroy()
 
 
 def build_engine(model, cfg: TrainConfig, dp: int):

@@ -29,9 +29,14 @@ def train_command(config_path: str, nproc: Optional[int], overrides: list[str]) 
         return 0
     nproc = nproc or cfg.parallel.tp * cfg.parallel.pp
     cfg.check_world(nproc)
+    return spawn_local(nproc, ["train", "--config", config_path, *overrides])
+
+
+def spawn_local(nproc: int, cli_args: list[str]) -> int:
+    """Run ``mgrow <cli_args>`` as ``nproc`` local ranks (torchrun --standalone); its exit code."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "mgrow.cli", "train", "--config", config_path, *overrides,
+        "-m", "mgrow.cli", *cli_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(command, env=env)

@@ -1,0 +1,264 @@
+"""``grow``: grow a running job's model and optimizer state in memory, on every rank, all or nothing.
+
+validate -> build the grown stage -> move weights (one full parameter at a
+time) -> build the engine around it -> move Adam moments -> carry the LR
+schedule -> hand back. The old engine is not touched until every rank has
+succeeded: a failure on any rank (an exception in its local work) is agreed on
+after every parameter, raised on every rank as :class:`GrowthError`, and every
+rank keeps its old model and optimizer bit for bit.
+
+Each grown parameter is made from one full old parameter: its holders gather
+it over TP (and the optimizer assembles its DP pieces), send it to the new
+owning stage if layers moved, and the owners run the reference operators on it
+(:func:`mgrow.plan.grow_one`) and keep their TP shard, taken after the one
+documented permutation (:func:`mgrow.growth.shards.shard_local`): old MLP units
+and query groups stay on the TP rank that held them, new ones are dealt out
+evenly, so the grown model computes every old partial sum in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mgrow.errors import ConfigError
+from mgrow.growth.shards import Grid, gather_tp, move_between_stages, shard_local, source_stage, split_tp
+from mgrow.layouts import megatron as layout_table
+from mgrow.model import build_gpt, global_names
+from mgrow.ops import apply_to_optimizer_state
+from mgrow.plan import Plan, grow_one, load_plan, original_source
+
+# Test hook: "RANK:PHASE:PARAMETER" makes that rank fail while growing that parameter
+# (PHASE: weights | moments); the transaction must then leave every rank as it was.
+FAILURE_ENV = "MGROW_INJECT_GROWTH_FAILURE"
+
+
+class GrowthError(RuntimeError):
+    """Growth failed on some rank; raised on every rank, each of which kept its old model and optimizer."""
+
+
+@dataclass(frozen=True)
+class GrowthReport:
+    params_before: int
+    params_after: int
+    growth_seconds: float
+    max_abs_logit_diff: Optional[float]  # on the check batch, None without one
+    plan: dict
+
+
+def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False):
+    """Grow ``engine`` (a training config ``cfg``) by ``plan``; returns (new engine, new config, report).
+
+    ``check_tokens`` ([b, s] token ids, the same on every rank): logits before and
+    after are compared on them. ``keep_old``: leave the old engine usable (tests
+    compare against it); otherwise it is destroyed once growth has succeeded.
+    """
+    from mgrow.train.engines import build_engine
+
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    steps = plan.steps(cfg.model)  # refuses an impossible plan on every rank, before anything changes
+    grown = steps[-1].grown
+    grid = Grid()
+    try:
+        grown.check_layout(grid.tp, grid.pp)
+    except ConfigError as error:
+        raise ConfigError("plan", f"the grown model does not fit tp={grid.tp}, pp={grid.pp}: {error}") from None
+    new_cfg = dataclasses.replace(cfg, model=grown)
+    agree = _Agreement()
+
+    start = time.perf_counter()
+    before = engine.logits(check_tokens) if check_tokens is not None else None
+    rng_state = _RngState()
+    new_engine = None
+    try:
+        new_model = agree.run("build", lambda: build_gpt(grown, initialize=False))
+        mover = _Mover(steps, plan.free_values(cfg.model), cfg.model, grid, agree)
+        mover.weights(engine, new_model)
+        rng_state.restore()  # building consumed random numbers; training continues on the same stream
+        new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, _dp()))
+        mover.moments(engine, new_engine)
+        _carry_schedule(engine, new_engine)
+    except BaseException:
+        if new_engine is not None:
+            new_engine.destroy()
+        rng_state.restore()
+        raise
+    seconds = time.perf_counter() - start
+    diff = None
+    if check_tokens is not None:
+        diff = _max_abs_diff(before, new_engine.logits(check_tokens))
+    if not keep_old:
+        engine.destroy()
+    report = GrowthReport(cfg.model.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict())
+    return new_engine, new_cfg, report
+
+
+class _Mover:
+    """The two passes over the grown model's parameters (global names, one fixed order on every rank)."""
+
+    def __init__(self, steps, values, old_cfg, grid: Grid, agree: "_Agreement"):
+        self.steps, self.values, self.grid, self.agree = steps, values, grid, agree
+        self.old_cfg, self.new_cfg = old_cfg, steps[-1].grown
+        self.old_shapes = layout_table.parameter_shapes(old_cfg)
+        self.new_shapes = layout_table.parameter_shapes(self.new_cfg)
+
+    def _route(self, name: str):
+        """(old source name or None, old holders, new holders) of grown parameter ``name``."""
+        source = original_source(self.steps, name)
+        holders = () if source is None else layout_table.stages_of(source, self.old_cfg, self.grid.pp)
+        return source, holders, layout_table.stages_of(name, self.new_cfg, self.grid.pp)
+
+    def _gathered(self, source, holders, destinations, read, lead=()) -> Optional[torch.Tensor]:
+        """The full old tensor ``read(source)`` (shape ``lead + old shape``), on this rank if it is a destination."""
+        needed = {source_stage(d, holders) for d in destinations}
+        full = read(source) if self.grid.stage in needed else None
+        return move_between_stages(full, (*lead, *self.old_shapes[source]), holders, destinations, self.grid)
+
+    def _shard_local(self, tensor, name, tmap):
+        old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
+        return shard_local(tensor, name, tmap, old_shape, self.new_cfg, self.grid.tp)
+
+    def weights(self, engine, new_model) -> None:
+        old = _by_global_name(engine.module)
+        state = engine.optimizer_state()
+        new = _by_global_name(new_model)
+        tp_layout = lambda name: layout_table.layout_of(name, self.old_cfg.gated_linear_unit)  # noqa: E731
+
+        def read(source):
+            return gather_tp(state.master(old[source]), tp_layout(source), self.grid)
+
+        for name in self.new_shapes:
+            source, holders, destinations = self._route(name)
+            full = None if source is None else self._gathered(source, holders, destinations, read)
+            error = None
+            if self.grid.stage in destinations:
+                try:
+                    _fail_point("weights", name)
+                    tensor, tmap = grow_one(self.steps, self.values, name, full)
+                    tensor = self._shard_local(tensor, name, tmap)
+                    layout = layout_table.layout_of(name, self.new_cfg.gated_linear_unit)
+                    with torch.no_grad():
+                        new[name].copy_(split_tp(tensor, layout, self.grid))
+                except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
+                    error = caught
+            self.agree.check(error, f"weights of {name}")
+
+    def moments(self, engine, new_engine) -> None:
+        old_state, new_state = engine.optimizer_state(), new_engine.optimizer_state()
+        step = _agreed_step(old_state.step())
+        if step is None:  # no optimizer step taken yet: the new optimizer starts fresh too
+            return
+        new_state.init(step)
+        old = _by_global_name(engine.module)
+        new = _by_global_name(new_engine.module)
+        old_gated, new_gated = self.old_cfg.gated_linear_unit, self.new_cfg.gated_linear_unit
+
+        def read(source):
+            layout = layout_table.layout_of(source, old_gated)
+            return torch.stack([gather_tp(m, layout, self.grid) for m in old_state.moments(old[source])])
+
+        for name in self.new_shapes:
+            source, holders, destinations = self._route(name)
+            if source is None:
+                continue  # a new tensor: its moments stay 0
+            full = self._gathered(source, holders, destinations, read, lead=(2,))
+            error = None
+            if self.grid.stage in destinations:
+                try:
+                    _fail_point("moments", name)
+                    _, tmap = grow_one(self.steps, self.values, name, full[0])  # the index map only
+                    exp_avg, exp_avg_sq = apply_to_optimizer_state(tmap, full[0], full[1])
+                    exp_avg, exp_avg_sq = self._shard_local(exp_avg, name, tmap), self._shard_local(exp_avg_sq, name, tmap)
+                    layout = layout_table.layout_of(name, new_gated)
+                    new_state.set_moments(new[name], split_tp(exp_avg, layout, self.grid),
+                                          split_tp(exp_avg_sq, layout, self.grid))
+                except Exception as caught:  # noqa: BLE001
+                    error = caught
+            self.agree.check(error, f"optimizer state of {name}")
+
+
+class _Agreement:
+    """After each unit of local work: did any rank fail? Then every rank raises the same GrowthError."""
+
+    def check(self, error: Optional[BaseException], what: str) -> None:
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag[0]) == 0:
+            return
+        messages: list = [None] * dist.get_world_size()
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(messages, mine)
+        failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
+        raise GrowthError(f"growth failed at {what} ({failed}); every rank keeps its old model and optimizer") from error
+
+    def run(self, what: str, fn):
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as caught:  # noqa: BLE001
+            error = caught
+        self.check(error, what)
+        return result
+
+
+class _RngState:
+    """torch's CPU generator and megatron's model-parallel RNG tracker, as they were."""
+
+    def __init__(self):
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        self.cpu = torch.get_rng_state()
+        self.tracker = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+
+    def restore(self) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.set_rng_state(self.cpu)
+        get_cuda_rng_tracker().set_states({k: v.clone() for k, v in self.tracker.items()})
+
+
+def _by_global_name(model) -> dict:
+    return {name: param for _, name, param in global_names(model)}
+
+
+def _agreed_step(step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The Adam step every rank continues from (a rank that owns no optimizer state has none of its own)."""
+    value = torch.tensor([-1.0 if step is None else float(step)], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    if float(value[0]) < 0:
+        return None
+    return torch.tensor(float(value[0]), dtype=torch.float32)
+
+
+def _carry_schedule(old, new) -> None:
+    """The LR schedule continues where it was (and DeepSpeed's step counters with it)."""
+    new.scheduler.num_steps = old.scheduler.num_steps
+    new.scheduler.step(increment=0)
+    for counter in ("global_steps", "global_samples"):
+        if hasattr(getattr(old, "engine", None), counter):
+            setattr(new.engine, counter, getattr(old.engine, counter))
+
+
+def _max_abs_diff(before, after) -> float:
+    local = 0.0 if before is None else float((after.float() - before.float()).abs().max())
+    value = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value[0])
+
+
+def _dp() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
+
+
+def _fail_point(phase: str, name: str) -> None:
+    target = os.environ.get(FAILURE_ENV)
+    if target and target == f"{dist.get_rank()}:{phase}:{name}":
+        raise RuntimeError(f"injected failure ({FAILURE_ENV}={target})")

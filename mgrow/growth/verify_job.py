@@ -1,0 +1,210 @@
+"""One rank of `mgrow verify --tp --pp --dp --optimizer`: train a random model, grow it, check the invariants.
+
+For each plan, against the engine trained for two steps:
+
+* ``max_abs_logit_diff``: logits on one batch before vs after growth;
+* ``max_abs_vs_reference`` / ``max_abs_moments_vs_reference``: the gathered grown
+  weights / Adam moments vs the reference operators (and their index maps) on
+  the gathered original (the mover keeps megatron's order: no permutation);
+* ``max_abs_step_equivalence``: one more step on the grown and on the old
+  engine with the same batch, old slice vs old model (null for plans that
+  rescale old weights or change epsilon: their gradients move);
+* ``growth_seconds``, ``peak_rss_bytes`` (max over ranks, whole process) and
+  ``peak_rss_growth_bytes`` (max over ranks, during growth only).
+
+Gathering whole models here is for checking only; growth itself never does.
+"""
+
+from __future__ import annotations
+
+import json
+import torch
+import torch.distributed as dist
+
+from mgrow import rss
+from mgrow.growth.shards import Grid, gather_tp, shard_local
+from mgrow.layouts import megatron as layout_table
+from mgrow.model import global_names
+from mgrow.model_config import ModelConfig
+from mgrow.ops import Kind, apply_to_optimizer_state, carry
+from mgrow.plan import Plan, apply_plan
+
+STEP_TOL = 1e-6
+
+
+def train_config(model: ModelConfig, tp: int, pp: int, optimizer: str, dp: int, seq_length: int):
+    from mgrow.train.config import DataConfig, OptimizerConfig, ParallelConfig, TrainConfig, TrainLoopConfig
+
+    return TrainConfig(
+        model=model,
+        parallel=ParallelConfig(tp, pp),
+        # No clipping: the new weights' gradients would enter the global norm (GROWTH_MATH, optimizer state).
+        optimizer=OptimizerConfig(type=optimizer, lr=1e-3, min_lr=1e-4, warmup_steps=1, clip_grad=0.0),
+        train=TrainLoopConfig(steps=100, micro_batch_size=2, global_batch_size=4 * dp, seq_length=seq_length,
+                              progress=False),
+        data=DataConfig(sources=()),
+    )
+
+
+class RandomBatches:
+    """Token batches of global step ``i``: this DP rank's micro-batches, the same on every layout."""
+
+    def __init__(self, cfg, seed: int):
+        from megatron.core import parallel_state as ps
+
+        t = cfg.train
+        self.vocab, self.seq, self.seed = cfg.model.vocab_size, t.seq_length, seed
+        self.gbs, self.mbs = t.global_batch_size, t.micro_batch_size
+        self.per_rank = self.gbs // ps.get_data_parallel_world_size()
+        self.offset = ps.get_data_parallel_rank() * self.per_rank
+
+    def __call__(self, step: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + step)
+        tokens = torch.randint(0, self.vocab, (self.gbs, self.seq + 1), generator=generator)
+        return list(tokens[self.offset : self.offset + self.per_rank].split(self.mbs))
+
+
+def gather_state(engine, cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """{"weight"|"exp_avg"|"exp_avg_sq": {global name: full tensor}} on every rank (checking only)."""
+    grid = Grid()
+    params = {name: p for _, name, p in global_names(engine.module)}
+    state = engine.optimizer_state()
+    has_moments = _any_rank(state.step() is not None)
+    local = {"weight": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name in layout_table.parameter_shapes(cfg):
+        if grid.stage not in layout_table.stages_of(name, cfg, grid.pp):
+            continue
+        layout = layout_table.layout_of(name, cfg.gated_linear_unit)
+        local["weight"][name] = gather_tp(state.master(params[name]), layout, grid)
+        if has_moments:
+            m, v = state.moments(params[name])
+            local["exp_avg"][name], local["exp_avg_sq"][name] = gather_tp(m, layout, grid), gather_tp(v, layout, grid)
+    from megatron.core import parallel_state as ps
+
+    stages: list = [None] * grid.pp
+    dist.all_gather_object(stages, local, group=ps.get_pipeline_model_parallel_group())
+    merged = {key: {} for key in local}
+    for stage in stages:
+        for key in merged:
+            merged[key].update(stage[key])
+    return merged
+
+
+def rescales(result, cfg: ModelConfig) -> bool:
+    """Does the plan multiply old weights or change epsilon (then old gradients change at the growth point)?"""
+    if result.cfg.layernorm_epsilon != cfg.layernorm_epsilon:
+        return True
+    return any(bool((axis.scale[axis.src >= 0] != 1).any()) for tmap in result.maps.values() for axis in tmap.axes)
+
+
+def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str, seed: int, tol: float) -> int:
+    from mgrow.growth import grow
+    from mgrow.model import build_gpt
+    from mgrow.runtime import init_distributed
+    from mgrow.train.engines import build_engine
+    from mgrow.verify import random_state, random_tokens
+
+    layout = init_distributed(tp, pp, seed)
+    cfg = train_config(model, tp, pp, optimizer, layout.dp, min(16, model.max_sequence_length))
+    cfg.check_world(layout.world)
+    engine = build_engine(build_gpt(model, init=random_state(model, seed)), cfg, layout.dp)
+    batches = RandomBatches(cfg, seed)
+    for step in range(2):
+        engine.train_step(batches(step))
+    original = gather_state(engine, model)
+    check_tokens = random_tokens(model, seed, batch=2, seq=cfg.train.seq_length)
+
+    reports, stepped = [], []
+    for plan in plans:
+        rss.reset_peak()
+        start_rss = rss.current()
+        grown_engine, grown_cfg, report = grow(engine, cfg, plan, check_tokens=check_tokens, keep_old=True)
+        growth_rss = rss.peak() - start_rss
+        reference = apply_plan(original["weight"], model, plan)
+        local = _ShardLocal(reference, model, tp)
+        grown = gather_state(grown_engine, grown_cfg.model)
+        moments_diff = 0.0
+        for name, tmap in reference.maps.items():
+            if tmap.old_name is None:
+                continue
+            m, v = apply_to_optimizer_state(tmap, original["exp_avg"][tmap.old_name],
+                                            original["exp_avg_sq"][tmap.old_name])
+            moments_diff = max(moments_diff, _max_abs(grown["exp_avg"][name], local(name, m)),
+                               _max_abs(grown["exp_avg_sq"][name], local(name, v)))
+        reports.append({
+            "plan": plan.to_dict(),
+            "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "optimizer": optimizer},
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "max_abs_logit_diff": report.max_abs_logit_diff,
+            "max_abs_vs_reference": max(_max_abs(grown["weight"][n], local(n, t)) for n, t in reference.state.items()),
+            "max_abs_moments_vs_reference": moments_diff,
+            "max_abs_step_equivalence": None,
+            "growth_seconds": _max_over_ranks(report.growth_seconds),
+            "peak_rss_growth_bytes": int(_max_over_ranks(growth_rss)),
+        })
+        if not rescales(reference, model):
+            grown_engine.train_step(batches(2))
+            stepped.append((len(reports) - 1, local, gather_state(grown_engine, grown_cfg.model)["weight"]))
+        grown_engine.destroy()
+
+    if stepped:
+        engine.train_step(batches(2))
+        after = gather_state(engine, model)["weight"]
+        for index, local, grown_after in stepped:
+            reports[index]["max_abs_step_equivalence"] = _step_equivalence(local, after, grown_after)
+    peak = int(_max_over_ranks(rss.peak_process()))
+    ok = True
+    for entry in reports:
+        entry["peak_rss_bytes"] = peak
+        entry["ok"] = bool(
+            entry["max_abs_logit_diff"] <= tol
+            and entry["max_abs_vs_reference"] == 0.0
+            and entry["max_abs_moments_vs_reference"] == 0.0
+            and (entry["max_abs_step_equivalence"] is None or entry["max_abs_step_equivalence"] <= STEP_TOL)
+        )
+        ok &= entry["ok"]
+        if layout.rank == 0:
+            print(json.dumps(entry), flush=True)
+    return 0 if ok else 1
+
+
+class _ShardLocal:
+    """Reference-order tensors of a grown model in the mover's shard-local order."""
+
+    def __init__(self, reference, model: ModelConfig, tp: int):
+        self.maps, self.new_cfg, self.tp = reference.maps, reference.cfg, tp
+        self.old_shapes = layout_table.parameter_shapes(model)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        tmap = self.maps[name]
+        old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
+        return shard_local(tensor, name, tmap, old_shape, self.new_cfg, self.tp)
+
+
+def _step_equivalence(local: _ShardLocal, old_after: dict, grown_after: dict) -> float:
+    worst = 0.0
+    for name, tmap in local.maps.items():
+        if tmap.old_name is None:
+            continue
+        kept = local(name, tmap.kind == int(Kind.OLD))
+        expected = local(name, carry(tmap, old_after[tmap.old_name]))
+        if kept.any():
+            worst = max(worst, float((grown_after[name][kept] - expected[kept]).abs().max()))
+    return worst
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def _max_over_ranks(value: float) -> float:
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor[0])
+
+
+def _any_rank(flag: bool) -> bool:
+    return _max_over_ranks(1.0 if flag else 0.0) > 0

@@ -1,0 +1,183 @@
+"""Where each optimizer path keeps a parameter's fp32 master weight and Adam moments.
+
+One adapter per path, one question each: give me this TP rank's whole shard of
+parameter P's master / exp_avg / exp_avg_sq (assembled over the DP ranks that
+split it), or store such a shard back so that every DP rank keeps its part.
+The growth mover asks these and nothing else, so it never sees a flat buffer.
+
+* ``TorchAdamState``: torch AdamW under Megatron DDP (megatron's FP32Optimizer);
+  every DP rank holds everything, state keyed by the model parameter.
+* ``DistributedOptimizerState``: Megatron's DistributedOptimizer; each DP rank
+  owns a contiguous range of every bucket, so of each parameter a range
+  ``param_range`` (distrib_optimizer.py:112-171) kept as a 1-D main parameter.
+* ``ZeroState``: DeepSpeed ZeRO 1/2/3 through DeepSpeed's own
+  ``safe_get/set_full_*`` (utils/tensor_fragment.py:135-206).
+
+All reads are collective over the DP group: every DP rank calls them for the
+same parameters in the same order. Models are fp32 here; with bf16 (issue 10)
+the master comes from the optimizer instead of the model parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _adam_state(inner: torch.optim.Optimizer, key, step: torch.Tensor, like: torch.Tensor) -> None:
+    inner.state[key] = {
+        "step": step.clone(),
+        "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format),
+    }
+
+
+def _first_step(inner: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+    for state in inner.state.values():
+        if "step" in state:
+            return torch.as_tensor(state["step"]).detach().clone()
+    return None
+
+
+class TorchAdamState:
+    def __init__(self, inner: torch.optim.Optimizer):
+        self.inner = inner
+
+    def master(self, param) -> torch.Tensor:
+        return param.detach()
+
+    def moments(self, param) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.inner.state[param]
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def step(self) -> Optional[torch.Tensor]:
+        return _first_step(self.inner)
+
+    def init(self, step: torch.Tensor) -> None:
+        for group in self.inner.param_groups:
+            for param in group["params"]:
+                _adam_state(self.inner, param, step, param)
+
+    def set_moments(self, param, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        state = self.inner.state[param]
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+
+
+class DistributedOptimizerState:
+    """Megatron DistributedOptimizer (fp32 model: the main parameter is a view of the model parameter)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.inner = optimizer.optimizer
+        self.group = optimizer.data_parallel_group
+
+    def _main(self, param):
+        """(this rank's 1-D main parameter of ``param``, its range in the flattened parameter), or None."""
+        if param not in self.optimizer.model_param_group_index_map:
+            return None
+        group_index, order = self.optimizer.model_param_group_index_map[param]
+        main = self.inner.param_groups[group_index]["params"][order]
+        return main, self.optimizer._get_model_param_range_map(param)["param"]
+
+    def master(self, param) -> torch.Tensor:
+        return param.detach()  # all-gathered into every DP rank's buffer after each step
+
+    def moments(self, param) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.zeros((2, param.numel()), dtype=torch.float32)
+        owned = self._main(param)
+        if owned is not None:
+            main, span = owned
+            state = self.inner.state[main]
+            for row, key in enumerate(MOMENTS):
+                both[row, span.start : span.end] = state[key]
+        dist.all_reduce(both, group=self.group)  # ranges do not overlap: the sum assembles them
+        return both[0].view(param.shape), both[1].view(param.shape)
+
+    def step(self) -> Optional[torch.Tensor]:
+        return _first_step(self.inner)
+
+    def init(self, step: torch.Tensor) -> None:
+        for group in self.inner.param_groups:
+            for main in group["params"]:
+                _adam_state(self.inner, main, step, main)
+
+    def set_moments(self, param, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        owned = self._main(param)
+        if owned is None:
+            return
+        main, span = owned
+        state = self.inner.state[main]
+        state["exp_avg"].copy_(exp_avg.reshape(-1)[span.start : span.end])
+        state["exp_avg_sq"].copy_(exp_avg_sq.reshape(-1)[span.start : span.end])
+
+
+class ZeroState:
+    """DeepSpeed ZeRO stage 1, 2 or 3: flat fp32 partitions behind DeepSpeed's per-parameter accessors."""
+
+    def __init__(self, zero_optimizer):
+        self.optimizer = zero_optimizer
+        self.inner = zero_optimizer.optimizer
+        self._link_moments()
+
+    def _flats(self) -> list:
+        """The flat fp32 partitions Adam steps: one per param group (1/2) or per sub-group (3).
+
+        Stage 3 leaves only the last sub-group in the inner optimizer's param_groups between steps
+        (stage3.py:1252), so its list comes from the ZeRO optimizer, not from the inner optimizer.
+        """
+        flats = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+        return list(flats if flats is not None else self.optimizer.fp32_partitioned_groups_flat)
+
+    def _link_moments(self) -> None:
+        """Point every parameter's fragment at the current Adam state (stages 1 and 2).
+
+        DeepSpeed 0.19.8 links them once, right after the first param group's first
+        ``step`` (stage_1_and_2.py:2987), before the other groups have state, so with
+        two param groups (decay / no decay) the second group's moments are unreachable
+        through ``safe_get_full_optimizer_state``. Relinking only re-takes views.
+        """
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state") and self.inner.state:
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def master(self, param) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+
+    def moments(self, param) -> tuple[torch.Tensor, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return tuple(safe_get_full_optimizer_state(param, key) for key in MOMENTS)
+
+    def step(self) -> Optional[torch.Tensor]:
+        return _first_step(self.inner)
+
+    def init(self, step: torch.Tensor) -> None:
+        for flat in self._flats():
+            _adam_state(self.inner, flat, step, flat)
+        self._link_moments()
+
+    def set_moments(self, param, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for key, value in zip(MOMENTS, (exp_avg, exp_avg_sq)):
+            safe_set_full_optimizer_state(param, value, key)
+
+
+def for_megatron(optimizer):
+    """The adapter of a megatron optimizer (one model chunk)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(chained) != 1:
+        raise NotImplementedError(f"growth needs one megatron optimizer per model chunk, got {len(chained)}")
+    inner = chained[0]
+    if isinstance(inner, DistributedOptimizer):
+        return DistributedOptimizerState(inner)
+    return TorchAdamState(inner.optimizer)
