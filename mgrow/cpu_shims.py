@@ -46,6 +46,7 @@ PATCHED_MODULES = {
     "megatron.core.utils": "torch.cuda.current_device()",
     "megatron.core.tensor_parallel.random": "torch.cuda.get_rng_state()",
     "megatron.core.tensor_parallel.layers": "torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.mappings": "torch.cuda.current_device()",  # QKV gather when groups < TP ranks
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "torch.cuda.current_device()",
     "megatron.core.transformer.dot_product_attention": "torch.cuda.current_device()",
     "megatron.core.transformer.utils": "device=\"cuda\"",

@@ -30,6 +30,12 @@ from mgrow.ops import Kind, apply_to_optimizer_state, carry
 from mgrow.plan import Plan, apply_plan
 
 STEP_TOL = 1e-6
+# Growth that changes a reduction's length or order (a longer head dim, heads moved between TP ranks,
+# other DP shard ranges) changes gradients by fp32 rounding, ~1e-7 relative. Adam's update m/(sqrt(v)+eps)
+# turns that into lr-sized differences for entries whose gradient is itself at the rounding level (measured:
+# 1e-4 at lr 1e-3, eps 1e-8; 1.5e-6 at lr 1e-3, eps 1e-6). The check therefore steps with lr 1e-4 and
+# eps 1e-6: 1e-6 is 1% of the largest Adam step, and a wrongly carried moment moves a step by ~lr.
+ADAM_LR, ADAM_EPS = 1e-4, 1e-6
 
 
 def train_config(model: ModelConfig, tp: int, pp: int, optimizer: str, dp: int, seq_length: int):
@@ -39,7 +45,7 @@ def train_config(model: ModelConfig, tp: int, pp: int, optimizer: str, dp: int, 
         model=model,
         parallel=ParallelConfig(tp, pp),
         # No clipping: the new weights' gradients would enter the global norm (GROWTH_MATH, optimizer state).
-        optimizer=OptimizerConfig(type=optimizer, lr=1e-3, min_lr=1e-4, warmup_steps=1, clip_grad=0.0),
+        optimizer=OptimizerConfig(type=optimizer, lr=ADAM_LR, min_lr=ADAM_LR / 10, warmup_steps=1, clip_grad=0.0, eps=ADAM_EPS),
         train=TrainLoopConfig(steps=100, micro_batch_size=2, global_batch_size=4 * dp, seq_length=seq_length,
                               progress=False),
         data=DataConfig(sources=()),

@@ -1,0 +1,121 @@
+"""One rank of a growth test job (run under torchrun by tests/test_growth_*.py).
+
+    python growth_worker.py MODE OUT_DIR MODEL_JSON PLAN_JSON OPTIMIZER TP PP
+
+MODE ``failure``: train 2 steps, snapshot the state, grow with a failure injected
+(MGROW_INJECT_GROWTH_FAILURE in the environment), expect GrowthError, compare the
+state bit for bit, train one more step.
+MODE ``memory``: train 2 steps, grow, record peak RSS growth during grow and the
+state bytes of the old and new shards.
+MODE ``continue``: train on the corpus, grow, train 20 more steps; record the losses.
+Each rank writes OUT_DIR/rank<R>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    mode, out_dir, model_json, plan_json, optimizer, tp, pp = sys.argv[1:8]
+    from mgrow import rss
+    from mgrow.growth import GrowthError, grow
+    from mgrow.growth.verify_job import RandomBatches, gather_state, train_config
+    from mgrow.model import build_gpt
+    from mgrow.model_config import ModelConfig
+    from mgrow.plan import load_plan
+    from mgrow.runtime import init_distributed, shutdown
+    from mgrow.train.engines import build_engine, global_mean_loss
+
+    model = ModelConfig(**json.loads(model_json))
+    plan = load_plan(json.loads(plan_json))
+    layout = init_distributed(int(tp), int(pp), 1234)
+    cfg = train_config(model, int(tp), int(pp), optimizer, layout.dp, min(32, model.max_sequence_length))
+    result: dict = {"rank": layout.rank}
+    if mode == "continue":
+        from mgrow.data import TokenWindows
+        from mgrow.train.loop import Batches
+
+        repo = Path(__file__).resolve().parents[1]
+        windows = TokenWindows(str(repo / "data" / "cache" / "corpus"), "train", cfg.train.seq_length, 1234)
+        batches = Batches(windows, cfg, layout)
+        cfg = _with_lr(cfg, 3e-3)
+    else:
+        batches = RandomBatches(cfg, 1234)
+    engine = build_engine(build_gpt(model, seed=1234), cfg, layout.dp)
+    steps_before = 30 if mode == "continue" else 2
+    losses = [global_mean_loss(engine.train_step(batches(step))) for step in range(steps_before)]
+
+    if mode == "failure":
+        (before, lr_before) = _snapshot(engine, model, gather_state)
+        try:
+            grow(engine, cfg, plan)
+            result["error"] = None
+        except GrowthError as error:
+            result["error"] = str(error)
+        (after, lr_after) = _snapshot(engine, model, gather_state)
+        result["compared"] = sum(len(tensors) for tensors in before.values())
+        result["unchanged"] = lr_before == lr_after and all(
+            torch.equal(before[kind][name], after[kind][name]) for kind in before for name in before[kind]
+        )
+        result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)))
+    elif mode == "memory":
+        old_bytes = _state_bytes(engine)
+        rss.reset_peak()
+        start = rss.current()
+        engine, grown_cfg, report = grow(engine, cfg, plan)
+        result["rss_growth"] = rss.peak() - start
+        result["old_state_bytes"] = old_bytes
+        result["new_state_bytes"] = _state_bytes(engine)
+        result["largest_param_state_bytes"] = 3 * 4 * max(math.prod(s) for s in _shapes(grown_cfg.model))
+        result["whole_model_state_bytes"] = 3 * 4 * (model.num_parameters() + grown_cfg.model.num_parameters())
+    else:
+        engine, cfg, report = grow(engine, cfg, plan)
+        result["growth_seconds"] = report.growth_seconds
+        after = [global_mean_loss(engine.train_step(batches(steps_before + step))) for step in range(20)]
+        result["losses_before"], result["losses_after"] = losses, after
+    Path(out_dir, f"rank{layout.rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    shutdown()
+
+
+def _with_lr(cfg, lr: float):
+    import dataclasses
+
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr, min_lr=lr / 10))
+
+
+def _snapshot(engine, model, gather_state) -> tuple[dict, float]:
+    state = gather_state(engine, model)
+    return {kind: {name: t.clone() for name, t in tensors.items()} for kind, tensors in state.items()}, engine.lr()
+
+
+def _shapes(cfg):
+    from mgrow.layouts.megatron import parameter_shapes
+
+    return parameter_shapes(cfg).values()
+
+
+def _state_bytes(engine) -> int:
+    """Bytes of this rank's weights, gradients and Adam moments (what growth must hold twice at most)."""
+    local = sum(p.numel() for p in engine.module.parameters())
+    state = engine.optimizer_state()
+    moments = sum(t.numel() for t in _moment_tensors(state))
+    return 4 * (2 * local + moments)
+
+
+def _moment_tensors(state):
+    for per_param in state.inner.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in per_param:
+                yield per_param[key]
+
+
+if __name__ == "__main__":
+    main()
