@@ -66,17 +66,32 @@ def move_between_stages(
     return received
 
 
+def _local_order(name: str, tmap, old_shape, new_cfg, tp: int):
+    layout = layout_table.layout_of(name, new_cfg.gated_linear_unit)
+    if tp == 1 or layout.partition_dim is None or tmap.old_name is None:
+        return layout, None
+    order = layout_table.shard_local_order(
+        tmap.axes[layout.partition_dim].src, old_shape[layout.partition_dim], layout, tp,
+        layout_table.tp_unit(name, new_cfg),
+    )
+    return layout, order
+
+
 def shard_local(tensor: torch.Tensor, name: str, tmap, old_shape: tuple[int, ...], new_cfg, tp: int) -> torch.Tensor:
     """``tensor`` (grown, reference order) reordered along its TP dim so old units stay on their ranks.
 
     This is the documented permutation between the gathered grown shards and the
     reference operators' result (:func:`layout_table.shard_local_order`).
     """
-    layout = layout_table.layout_of(name, new_cfg.gated_linear_unit)
-    if tp == 1 or layout.partition_dim is None or tmap.old_name is None:
-        return tensor
-    dim = layout.partition_dim
-    order = layout_table.shard_local_order(
-        tmap.axes[dim].src, old_shape[dim], layout, tp, layout_table.tp_unit(name, new_cfg)
-    )
-    return tensor if order is None else tensor.index_select(dim, order)
+    layout, order = _local_order(name, tmap, old_shape, new_cfg, tp)
+    return tensor if order is None else tensor.index_select(layout.partition_dim, order)
+
+
+def split_shard_local(tensor: torch.Tensor, name: str, tmap, old_shape, new_cfg, grid: Grid) -> torch.Tensor:
+    """This rank's TP shard of ``shard_local(tensor, ...)``, without building the reordered full tensor."""
+    layout, order = _local_order(name, tmap, old_shape, new_cfg, grid.tp)
+    if order is None:
+        return split_tp(tensor, layout, grid)
+    along = layout_table.TensorLayout(layout.pattern, 0, layout.stride)
+    mine = layout_table.tp_shard(order, along, grid.tp_rank, grid.tp)
+    return tensor.index_select(layout.partition_dim, mine)

@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from mgrow.errors import ConfigError
-from mgrow.growth.shards import Grid, gather_tp, move_between_stages, shard_local, source_stage, split_tp
+from mgrow.growth.shards import Grid, gather_tp, move_between_stages, source_stage, split_shard_local
 from mgrow.layouts import megatron as layout_table
+from mgrow.layouts.optimizer_state import MOMENTS
 from mgrow.model import build_gpt, global_names
-from mgrow.ops import apply_to_optimizer_state
+from mgrow.ops import carry_moment
 from mgrow.plan import Plan, grow_one, load_plan, original_source
 
 # Test hook: "RANK:PHASE:PARAMETER" makes that rank fail while growing that parameter
@@ -114,24 +115,24 @@ class _Mover:
         holders = () if source is None else layout_table.stages_of(source, self.old_cfg, self.grid.pp)
         return source, holders, layout_table.stages_of(name, self.new_cfg, self.grid.pp)
 
-    def _gathered(self, source, holders, destinations, read, lead=()) -> Optional[torch.Tensor]:
-        """The full old tensor ``read(source)`` (shape ``lead + old shape``), on this rank if it is a destination."""
+    def _gathered(self, source, holders, destinations, read) -> Optional[torch.Tensor]:
+        """The full old tensor ``read(source)``, on this rank if it is a destination."""
         needed = {source_stage(d, holders) for d in destinations}
         full = read(source) if self.grid.stage in needed else None
-        return move_between_stages(full, (*lead, *self.old_shapes[source]), holders, destinations, self.grid)
+        return move_between_stages(full, self.old_shapes[source], holders, destinations, self.grid)
 
-    def _shard_local(self, tensor, name, tmap):
+    def _my_shard(self, tensor, name, tmap):
         old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
-        return shard_local(tensor, name, tmap, old_shape, self.new_cfg, self.grid.tp)
+        return split_shard_local(tensor, name, tmap, old_shape, self.new_cfg, self.grid)
 
     def weights(self, engine, new_model) -> None:
         old = _by_global_name(engine.module)
         state = engine.optimizer_state()
         new = _by_global_name(new_model)
-        tp_layout = lambda name: layout_table.layout_of(name, self.old_cfg.gated_linear_unit)  # noqa: E731
 
         def read(source):
-            return gather_tp(state.master(old[source]), tp_layout(source), self.grid)
+            layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
+            return gather_tp(state.master(old[source]), layout, self.grid)
 
         for name in self.new_shapes:
             source, holders, destinations = self._route(name)
@@ -141,15 +142,14 @@ class _Mover:
                 try:
                     _fail_point("weights", name)
                     tensor, tmap = grow_one(self.steps, self.values, name, full)
-                    tensor = self._shard_local(tensor, name, tmap)
-                    layout = layout_table.layout_of(name, self.new_cfg.gated_linear_unit)
                     with torch.no_grad():
-                        new[name].copy_(split_tp(tensor, layout, self.grid))
+                        new[name].copy_(self._my_shard(tensor, name, tmap))
                 except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
                     error = caught
             self.agree.check(error, f"weights of {name}")
 
     def moments(self, engine, new_engine) -> None:
+        """Adam moments, one moment of one parameter at a time (m and v follow the weight's index map)."""
         old_state, new_state = engine.optimizer_state(), new_engine.optimizer_state()
         step = _agreed_step(old_state.step())
         if step is None:  # no optimizer step taken yet: the new optimizer starts fresh too
@@ -157,27 +157,24 @@ class _Mover:
         new_state.init(step)
         old = _by_global_name(engine.module)
         new = _by_global_name(new_engine.module)
-        old_gated, new_gated = self.old_cfg.gated_linear_unit, self.new_cfg.gated_linear_unit
-
-        def read(source):
-            layout = layout_table.layout_of(source, old_gated)
-            return torch.stack([gather_tp(m, layout, self.grid) for m in old_state.moments(old[source])])
 
         for name in self.new_shapes:
             source, holders, destinations = self._route(name)
             if source is None:
                 continue  # a new tensor: its moments stay 0
-            full = self._gathered(source, holders, destinations, read, lead=(2,))
-            error = None
-            if self.grid.stage in destinations:
+            layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
+            tmap, error = None, None
+            for key in MOMENTS:
+                read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.grid)  # noqa: E731
+                full = self._gathered(source, holders, destinations, read)
+                if self.grid.stage not in destinations or error is not None:
+                    continue
                 try:
                     _fail_point("moments", name)
-                    _, tmap = grow_one(self.steps, self.values, name, full[0])  # the index map only
-                    exp_avg, exp_avg_sq = apply_to_optimizer_state(tmap, full[0], full[1])
-                    exp_avg, exp_avg_sq = self._shard_local(exp_avg, name, tmap), self._shard_local(exp_avg_sq, name, tmap)
-                    layout = layout_table.layout_of(name, new_gated)
-                    new_state.set_moments(new[name], split_tp(exp_avg, layout, self.grid),
-                                          split_tp(exp_avg_sq, layout, self.grid))
+                    if tmap is None:
+                        _, tmap = grow_one(self.steps, self.values, name, full)  # the index map only
+                    grown = carry_moment(tmap, full, power=MOMENTS.index(key) + 1)
+                    new_state.set_moment(new[name], key, self._my_shard(grown, name, tmap))
                 except Exception as caught:  # noqa: BLE001
                     error = caught
             self.agree.check(error, f"optimizer state of {name}")

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from mgrow import rss
 from mgrow.growth.shards import Grid, gather_tp, shard_local
 from mgrow.layouts import megatron as layout_table
+from mgrow.layouts.optimizer_state import MOMENTS
 from mgrow.model import global_names
 from mgrow.model_config import ModelConfig
 from mgrow.ops import Kind, apply_to_optimizer_state, carry
@@ -83,8 +84,8 @@ def gather_state(engine, cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]
         layout = layout_table.layout_of(name, cfg.gated_linear_unit)
         local["weight"][name] = gather_tp(state.master(params[name]), layout, grid)
         if has_moments:
-            m, v = state.moments(params[name])
-            local["exp_avg"][name], local["exp_avg_sq"][name] = gather_tp(m, layout, grid), gather_tp(v, layout, grid)
+            for key in MOMENTS:
+                local[key][name] = gather_tp(state.moment(params[name], key), layout, grid)
     from megatron.core import parallel_state as ps
 
     stages: list = [None] * grid.pp

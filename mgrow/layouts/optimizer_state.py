@@ -1,8 +1,9 @@
 """Where each optimizer path keeps a parameter's fp32 master weight and Adam moments.
 
 One adapter per path, one question each: give me this TP rank's whole shard of
-parameter P's master / exp_avg / exp_avg_sq (assembled over the DP ranks that
-split it), or store such a shard back so that every DP rank keeps its part.
+parameter P's master, or of one Adam moment (exp_avg or exp_avg_sq, assembled
+over the DP ranks that split it), or store such a shard back so that every DP
+rank keeps its part.
 The growth mover asks these and nothing else, so it never sees a flat buffer.
 
 * ``TorchAdamState``: torch AdamW under Megatron DDP (megatron's FP32Optimizer);
@@ -50,9 +51,8 @@ class TorchAdamState:
     def master(self, param) -> torch.Tensor:
         return param.detach()
 
-    def moments(self, param) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.inner.state[param]
-        return state["exp_avg"], state["exp_avg_sq"]
+    def moment(self, param, key: str) -> torch.Tensor:
+        return self.inner.state[param][key]
 
     def step(self) -> Optional[torch.Tensor]:
         return _first_step(self.inner)
@@ -62,10 +62,8 @@ class TorchAdamState:
             for param in group["params"]:
                 _adam_state(self.inner, param, step, param)
 
-    def set_moments(self, param, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        state = self.inner.state[param]
-        state["exp_avg"].copy_(exp_avg)
-        state["exp_avg_sq"].copy_(exp_avg_sq)
+    def set_moment(self, param, key: str, value: torch.Tensor) -> None:
+        self.inner.state[param][key].copy_(value)
 
 
 class DistributedOptimizerState:
@@ -87,16 +85,14 @@ class DistributedOptimizerState:
     def master(self, param) -> torch.Tensor:
         return param.detach()  # all-gathered into every DP rank's buffer after each step
 
-    def moments(self, param) -> tuple[torch.Tensor, torch.Tensor]:
-        both = torch.zeros((2, param.numel()), dtype=torch.float32)
+    def moment(self, param, key: str) -> torch.Tensor:
+        full = torch.zeros(param.numel(), dtype=torch.float32)
         owned = self._main(param)
         if owned is not None:
             main, span = owned
-            state = self.inner.state[main]
-            for row, key in enumerate(MOMENTS):
-                both[row, span.start : span.end] = state[key]
-        dist.all_reduce(both, group=self.group)  # ranges do not overlap: the sum assembles them
-        return both[0].view(param.shape), both[1].view(param.shape)
+            full[span.start : span.end] = self.inner.state[main][key]
+        dist.all_reduce(full, group=self.group)  # ranges do not overlap: the sum assembles them
+        return full.view(param.shape)
 
     def step(self) -> Optional[torch.Tensor]:
         return _first_step(self.inner)
@@ -106,14 +102,11 @@ class DistributedOptimizerState:
             for main in group["params"]:
                 _adam_state(self.inner, main, step, main)
 
-    def set_moments(self, param, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         owned = self._main(param)
-        if owned is None:
-            return
-        main, span = owned
-        state = self.inner.state[main]
-        state["exp_avg"].copy_(exp_avg.reshape(-1)[span.start : span.end])
-        state["exp_avg_sq"].copy_(exp_avg_sq.reshape(-1)[span.start : span.end])
+        if owned is not None:
+            main, span = owned
+            self.inner.state[main][key].copy_(value.reshape(-1)[span.start : span.end])
 
 
 class ZeroState:
@@ -150,10 +143,10 @@ class ZeroState:
 
         return safe_get_full_fp32_param(param)
 
-    def moments(self, param) -> tuple[torch.Tensor, torch.Tensor]:
+    def moment(self, param, key: str) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        return tuple(safe_get_full_optimizer_state(param, key) for key in MOMENTS)
+        return safe_get_full_optimizer_state(param, key)
 
     def step(self) -> Optional[torch.Tensor]:
         return _first_step(self.inner)
@@ -163,11 +156,10 @@ class ZeroState:
             _adam_state(self.inner, flat, step, flat)
         self._link_moments()
 
-    def set_moments(self, param, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        for key, value in zip(MOMENTS, (exp_avg, exp_avg_sq)):
-            safe_set_full_optimizer_state(param, value, key)
+        safe_set_full_optimizer_state(param, value, key)
 
 
 def for_megatron(optimizer):

@@ -9,7 +9,16 @@ from mgrow.ops.common import FreeValues, GrowthResult
 from mgrow.ops.head_dim import grow_head_dim
 from mgrow.ops.heads import grow_heads
 from mgrow.ops.hidden import grow_hidden
-from mgrow.ops.index_map import AxisMap, Kind, TensorMap, apply_to_optimizer_state, carry, compose, identity_maps
+from mgrow.ops.index_map import (
+    AxisMap,
+    Kind,
+    TensorMap,
+    apply_to_optimizer_state,
+    carry,
+    carry_moment,
+    compose,
+    identity_maps,
+)
 from mgrow.ops.layers import grow_layers
 from mgrow.ops.mlp import grow_mlp
 
@@ -21,6 +30,7 @@ __all__ = [
     "TensorMap",
     "apply_to_optimizer_state",
     "carry",
+    "carry_moment",
     "compose",
     "grow_head_dim",
     "grow_heads",

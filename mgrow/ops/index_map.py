@@ -133,8 +133,12 @@ def apply_to_optimizer_state(
     tmap: TensorMap, exp_avg: Optional[torch.Tensor], exp_avg_sq: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam moments for the grown tensor: m * g and v * g**2 on copied entries, 0 on new ones."""
-    grad = [axis.grad_scale for axis in tmap.axes]
-    return _carry(tmap, exp_avg, grad), _carry(tmap, exp_avg_sq, [g * g for g in grad])
+    return carry_moment(tmap, exp_avg, 1), carry_moment(tmap, exp_avg_sq, 2)
+
+
+def carry_moment(tmap: TensorMap, moment: Optional[torch.Tensor], power: int) -> torch.Tensor:
+    """One Adam moment for the grown tensor: ``moment * g**power`` on copied entries, 0 on new ones."""
+    return _carry(tmap, moment, [axis.grad_scale**power for axis in tmap.axes])
 
 
 def _carry(tmap: TensorMap, old: Optional[torch.Tensor], factors: list[torch.Tensor]) -> torch.Tensor:
@@ -144,11 +148,14 @@ def _carry(tmap: TensorMap, old: Optional[torch.Tensor], factors: list[torch.Ten
         axis.src.numel() and int(axis.src.max()) >= n for axis, n in zip(tmap.axes, old.shape)
     ):
         raise ValueError(f"{tmap.old_name}: old tensor {tuple(old.shape)} does not fit its map")
-    grown = _gather(old.double(), [axis.src.clamp(min=0) for axis in tmap.axes])
+    # In the tensor's own dtype: the sharded mover runs this on one full parameter at a time and
+    # its peak memory is bounded by that parameter's size, not twice it.
+    grown = _gather(old, [axis.src.clamp(min=0) for axis in tmap.axes])
     for dim, factor in enumerate(factors):
-        grown = grown * along(factor, dim, grown.dim())
+        if not bool((factor == 1).all()):
+            grown.mul_(along(factor.to(grown.dtype), dim, grown.dim()))
     grown[tmap.new_mask()] = 0.0
-    return grown.to(old.dtype)
+    return grown
 
 
 def _compose_axis(inner: AxisMap, outer: AxisMap) -> AxisMap:
