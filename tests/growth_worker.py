@@ -3,8 +3,8 @@
     python growth_worker.py MODE OUT_DIR MODEL_JSON PLAN_JSON OPTIMIZER TP PP
 
 MODE ``failure``: train 2 steps, snapshot the state, grow with a failure injected
-(MGROW_INJECT_GROWTH_FAILURE in the environment), expect GrowthError, compare the
-state bit for bit, train one more step.
+(MGROW_INJECT_GROWTH_FAILURE in the environment) or by a plan the layout refuses,
+record the error, compare the state bit for bit, train one more step.
 MODE ``memory``: train 2 steps, grow, record peak RSS growth during grow and the
 state bytes of the old and new shards.
 MODE ``continue``: train on the corpus, grow, train 20 more steps; record the losses.
@@ -25,6 +25,7 @@ import torch.distributed as dist
 def main() -> None:
     mode, out_dir, model_json, plan_json, optimizer, tp, pp = sys.argv[1:8]
     from mgrow import rss
+    from mgrow.errors import ConfigError
     from mgrow.growth import GrowthError, grow
     from mgrow.growth.verify_job import RandomBatches, gather_state, train_config
     from mgrow.model import build_gpt
@@ -57,8 +58,8 @@ def main() -> None:
         try:
             grow(engine, cfg, plan)
             result["error"] = None
-        except GrowthError as error:
-            result["error"] = str(error)
+        except (GrowthError, ConfigError) as error:
+            result["error"] = f"{type(error).__name__}: {error}"
         (after, lr_after) = _snapshot(engine, model, gather_state)
         result["compared"] = sum(len(tensors) for tensors in before.values())
         result["unchanged"] = lr_before == lr_after and all(

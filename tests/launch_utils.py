@@ -20,6 +20,16 @@ TINY_MODEL = dict(
 )
 
 
+# What init_single_process (the in-process test rank) puts in os.environ: a child process would take
+# itself for a rank of that one-process world.
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict:
+    """This process's environment without rank variables, one OpenMP thread per rank."""
+    return {**{k: v for k, v in os.environ.items() if k not in RANK_ENV}, "OMP_NUM_THREADS": "1"}
+
+
 @dataclass
 class JobResult:
     returncode: int
@@ -59,7 +69,7 @@ def torchrun(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout:
         "--redirects=3", f"--log-dir={logs}",
         "-m", "mgrow.cli", "train", "--config", str(config), *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**clean_env(), "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     rank_stderr = {}
     for path in glob.glob(str(logs / "**" / "stderr.log"), recursive=True):
@@ -77,7 +87,7 @@ def spawn_ranks(nproc: int, config: Path, *overrides: str, timeout: float = 120)
     """
     from conftest import free_port
 
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
+    base = {**clean_env(), "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     procs = [
         subprocess.Popen(

@@ -9,14 +9,13 @@ the ungrown model, for every plan that does not rescale old weights.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from launch_utils import REPO
+from launch_utils import REPO, clean_env
 
 MODEL_A = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
                ffn_hidden_size=64, vocab_size=64, max_sequence_length=16, normalization="LayerNorm",
@@ -60,7 +59,7 @@ def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, env=None):
         path.write_text(yaml.safe_dump(plan))
         command += ["--plan", str(path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**clean_env(), **(env or {})})
     return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
