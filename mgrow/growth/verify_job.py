@@ -148,7 +148,7 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
             "max_abs_moments_vs_reference": moments_diff,
             "max_abs_step_equivalence": None,
             "growth_seconds": _max_over_ranks(report.growth_seconds),
-            "peak_rss_growth_bytes": int(_max_over_ranks(growth_rss)),
+            "peak_rss_growth_bytes": int(_max_over_ranks(max(0, growth_rss))),
         })
         if not rescales(reference, model):
             grown_engine.train_step(batches(2))

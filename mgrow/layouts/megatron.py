@@ -162,7 +162,7 @@ def shard_local_order(
     rank that held those entries, in their order; new units are dealt out
     evenly after them. Taking the grown tensor in this order and splitting it as
     megatron does leaves each rank's old units where they were, so per-rank
-    sums keep their order and growth moves no data between TP ranks. None when
+    partial sums keep their order (and fp32 results their bits). None when
     the old layout cannot be kept (a unit spread over ranks, e.g. fewer query
     groups than TP ranks): the grown tensor is then split in reference order.
     """
