@@ -66,12 +66,15 @@ class TorchAdamState:
         self.inner.state[param][key].copy_(value)
 
 
-class DistributedOptimizerState:
-    """Megatron DistributedOptimizer (fp32 model: the main parameter is a view of the model parameter)."""
+class DistributedOptimizerState(TorchAdamState):
+    """Megatron DistributedOptimizer (fp32 model: the main parameter is a view of the model parameter).
+
+    Adam's own state (step, init) is the inner torch optimizer's, keyed by the 1-D main parameters.
+    """
 
     def __init__(self, optimizer):
+        super().__init__(optimizer.optimizer)
         self.optimizer = optimizer
-        self.inner = optimizer.optimizer
         self.group = optimizer.data_parallel_group
 
     def _main(self, param):
@@ -82,8 +85,7 @@ class DistributedOptimizerState:
         main = self.inner.param_groups[group_index]["params"][order]
         return main, self.optimizer._get_model_param_range_map(param)["param"]
 
-    def master(self, param) -> torch.Tensor:
-        return param.detach()  # all-gathered into every DP rank's buffer after each step
+    # master: the model parameter, all-gathered into every DP rank's buffer after each step
 
     def moment(self, param, key: str) -> torch.Tensor:
         full = torch.zeros(param.numel(), dtype=torch.float32)
@@ -93,14 +95,6 @@ class DistributedOptimizerState:
             full[span.start : span.end] = self.inner.state[main][key]
         dist.all_reduce(full, group=self.group)  # ranges do not overlap: the sum assembles them
         return full.view(param.shape)
-
-    def step(self) -> Optional[torch.Tensor]:
-        return _first_step(self.inner)
-
-    def init(self, step: torch.Tensor) -> None:
-        for group in self.inner.param_groups:
-            for main in group["params"]:
-                _adam_state(self.inner, main, step, main)
 
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         owned = self._main(param)
