@@ -53,12 +53,16 @@ class GrowthReport:
     plan: dict
 
 
-def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False):
+def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
+         optimizer_state: str = "keep"):
     """Grow ``engine`` (a training config ``cfg``) by ``plan``; returns (new engine, new config, report).
 
-    ``check_tokens`` ([b, s] token ids, the same on every rank): logits before and
-    after are compared on them. ``keep_old``: leave the old engine usable (tests
-    compare against it); otherwise it is destroyed once growth has succeeded.
+    ``cfg`` may carry new batch sizes: the new engine is built with them.
+    ``check_tokens`` ([b, s] token ids, the same on every TP/PP rank): logits
+    before and after are compared on them. ``keep_old``: leave the old engine
+    usable (tests compare against it); otherwise it is destroyed once growth has
+    succeeded. ``optimizer_state``: ``keep`` carries Adam's moments and step
+    through the index maps, ``reset`` starts a fresh Adam on the grown model.
     """
     from mgrow.train.engines import build_engine
 
@@ -83,7 +87,8 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
         mover.weights(engine, new_model)
         rng_state.restore()  # building consumed random numbers; training continues on the same stream
         new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, _dp()))
-        mover.moments(engine, new_engine)
+        if optimizer_state == "keep":
+            mover.moments(engine, new_engine)
         _carry_schedule(engine, new_engine)
     except BaseException:
         if new_engine is not None:

@@ -16,6 +16,7 @@ import yaml
 from mgrow.data import DEFAULT_SOURCES
 from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
+from mgrow.train import schedule
 
 OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
 
@@ -73,11 +74,14 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    growth: tuple = ()  # GrowthEvent, in order (mgrow.train.schedule)
 
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parallel", "optimizer", "train", "data")}
         out["model"] = self.model.to_dict()
         out["deepspeed"] = dict(self.deepspeed)
+        out["growth"] = [{**{k: v for k, v in dataclasses.asdict(e).items() if k != "plan" and v is not None},
+                          "plan": e.plan.to_dict()} for e in self.growth]
         return out
 
     def check_world(self, world: int) -> int:
@@ -93,6 +97,12 @@ class TrainConfig:
             )
         if o.zero_stage is not None and self.parallel.pp != 1:
             raise ConfigError("parallel.pp", f"optimizer {o.type} (DeepSpeed ZeRO) runs with pp = 1, got {self.parallel.pp}")
+        micro, total = t.micro_batch_size, t.global_batch_size
+        for index, event in enumerate(self.growth):
+            micro, total = event.micro_batch_size or micro, event.global_batch_size or total
+            if total % (micro * dp):
+                raise ConfigError(f"growth[{index}].global_batch_size",
+                                  f"{total} must be divisible by micro_batch_size*dp = {micro}*{dp}")
         return dp
 
 
@@ -183,7 +193,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a YAML mapping")
-    known = set(_SECTIONS) | {"model", "deepspeed"}
+    known = set(_SECTIONS) | {"model", "deepspeed", "growth"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown section; known sections: {', '.join(sorted(known))}")
@@ -200,7 +210,11 @@ def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     deepspeed = raw.get("deepspeed") or {}
     if not isinstance(deepspeed, dict):
         raise ConfigError("deepspeed", "must be a mapping of DeepSpeed config keys")
-    cfg = TrainConfig(model=ModelConfig.from_dict(model), deepspeed=deepspeed, **sections)
+    model = ModelConfig.from_dict(model)
+    parallel = sections["parallel"]
+    model.check_layout(parallel.tp, parallel.pp)  # before the growth events, which start from this model
+    growth = schedule.parse(raw.get("growth"), model, parallel.tp, parallel.pp)
+    cfg = TrainConfig(model=model, deepspeed=deepspeed, growth=growth, **sections)
     _validate(cfg)
     return cfg
 

@@ -135,6 +135,9 @@ class MegatronEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def scale_lr(self, factor: float) -> None:
+        _scale_lr(self, factor)
+
     def logits(self, tokens: torch.Tensor):
         """This rank's logits slice for ``tokens`` [b, s] on the last stage; None elsewhere."""
         self.ddp.eval()
@@ -149,6 +152,13 @@ class MegatronEngine:
 
     def destroy(self) -> None:
         pass  # nothing outside Python's reach: the buffers go with the last reference
+
+
+def _scale_lr(engine, factor: float) -> None:
+    """The scheduled LR of the coming step times ``factor`` (re-warming after a growth event)."""
+    engine.scheduler.step(increment=0)
+    for group in engine.optimizer.param_groups:
+        group["lr"] *= factor
 
 
 def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
@@ -224,6 +234,9 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def scale_lr(self, factor: float) -> None:
+        _scale_lr(self, factor)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         self.engine.eval()

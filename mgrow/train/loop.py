@@ -25,16 +25,26 @@ class TrainResult:
 
 
 class Batches:
-    """This DP rank's micro-batches of global step ``step`` (same global batch on every layout)."""
+    """This DP rank's micro-batches of global step ``step`` (same global batch on every layout).
 
-    def __init__(self, windows: TokenWindows, cfg: TrainConfig, layout: Layout):
+    Steps from ``first_step`` on read the stream from sample ``first_sample``: a
+    batch-size change at a growth event continues the stream where it was.
+    """
+
+    def __init__(self, windows: TokenWindows, cfg: TrainConfig, layout: Layout, first_step: int = 0,
+                 first_sample: int = 0):
         t = cfg.train
         self.windows, self.mbs, self.gbs = windows, t.micro_batch_size, t.global_batch_size
         self.per_rank = t.global_batch_size // layout.dp
         self.offset = layout.dp_rank * self.per_rank
+        self.first_step, self.first_sample = first_step, first_sample
+
+    def start(self, step: int) -> int:
+        """The stream position (in samples) of global step ``step``."""
+        return self.first_sample + (step - self.first_step) * self.gbs
 
     def __call__(self, step: int) -> list[torch.Tensor]:
-        samples = self.windows.samples(step * self.gbs + self.offset, self.per_rank)
+        samples = self.windows.samples(self.start(step) + self.offset, self.per_rank)
         return list(samples.split(self.mbs))
 
 
@@ -59,8 +69,26 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
     metrics = _Metrics(t.metrics_path if leader else None)
     progress = _progress(t.steps) if leader and t.progress else None
     result = TrainResult()
+    events, rewarm = list(cfg.growth), None
+    held = valid_batches(0)  # the held batch every growth event is checked on
     window_start, window_steps = time.perf_counter(), 0
     for step in range(t.steps):
+        tokens_done = train_batches.start(step) * t.seq_length
+        while events and events[0].due(step, tokens_done):
+            event = events.pop(0)
+            engine, cfg, record = grow_at(event, engine, cfg, held, step, tokens_done)
+            train_batches = Batches(train_batches.windows, cfg, layout, step, train_batches.start(step))
+            t = cfg.train
+            rewarm = (step, event.lr_warmup_steps) if event.lr_warmup_steps else None
+            metrics.write(**record)
+            if leader:
+                log(f"step {step:>5}/{t.steps} | grew {record['params_before']:,} -> {record['params_after']:,} "
+                    f"parameters in {record['growth_seconds']:.2f} s | held-batch loss "
+                    f"{record['held_loss_before']:.6f} -> {record['held_loss_after']:.6f}")
+        if rewarm is not None:
+            since, length = step - rewarm[0], rewarm[1]
+            engine.scale_lr(min(1.0, (since + 1) / length))
+            rewarm = rewarm if since + 1 < length else None
         loss = global_mean_loss(engine.train_step(train_batches(step)))
         result.losses.append(loss)
         metrics.write(step=step + 1, loss=loss, lr=engine.lr())
@@ -87,6 +115,27 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
         progress.close()
     metrics.close()
     return result
+
+
+def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int, tokens: int):
+    """Apply one growth event; (new engine, new config, the event's metrics record)."""
+    import dataclasses
+
+    from mgrow import rss
+    from mgrow.growth import grow
+    from mgrow.train.schedule import with_batch
+
+    before = global_mean_loss(engine.eval_step(held))
+    event_cfg = dataclasses.replace(cfg, train=with_batch(cfg.train, event))
+    engine, new_cfg, report = grow(engine, event_cfg, event.plan, check_tokens=held[0][:, :-1].contiguous(),
+                                   optimizer_state=event.optimizer_state)
+    after = global_mean_loss(engine.eval_step(held))
+    record = dict(event="growth", step=step, tokens=tokens, plan=report.plan, params_before=report.params_before,
+                  params_after=report.params_after, max_abs_logit_diff=report.max_abs_logit_diff,
+                  held_loss_before=before, held_loss_after=after, growth_seconds=report.growth_seconds,
+                  peak_rss_bytes=rss.peak_process(), optimizer_state=event.optimizer_state,
+                  global_batch_size=new_cfg.train.global_batch_size)
+    return engine, new_cfg, record
 
 
 def evaluate(engine, batches: Batches, count: int) -> float:

@@ -1,0 +1,112 @@
+"""Mid-run growth in real jobs (issue 5, first part): a growth schedule under torchrun multi-node and the
+deepspeed launcher. The loss on the held batch right after each event equals the loss right before it."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import free_port
+from launch_utils import REPO, clean_env, write_config
+from mgrow.errors import ConfigError
+from mgrow.train import config as train_config
+
+PLAN = {"ops": [{"hidden": {"hidden_size": 48}}, {"heads": {"num_attention_heads": 8}},
+                {"mlp": {"ffn_hidden_size": 96}}, {"layers": {"insert_before": [1], "num_layers": 4}}]}
+
+
+def growth_config(tmp_path, optimizer, tp, **event):
+    config = write_config(tmp_path, parallel={"tp": tp, "pp": 1}, optimizer={"type": optimizer},
+                          train={"steps": 5})
+    raw = yaml.safe_load(config.read_text())
+    raw["growth"] = [{"at_step": 3, "plan": PLAN, "lr_warmup_steps": 2, **event}]
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def read_metrics(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_run(tmp_path, done, params_after):
+    assert all(d.returncode == 0 for d in done), "\n".join(d.stdout[-2000:] + d.stderr[-3000:] for d in done)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    events = [r for r in records if r.get("event") == "growth"]
+    assert len(events) == 1 and events[0]["step"] == 3, events
+    event = events[0]
+    assert event["params_after"] == params_after > event["params_before"]
+    assert abs(event["held_loss_after"] - event["held_loss_before"]) <= 1e-5, event
+    assert event["max_abs_logit_diff"] <= 1e-5, event
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_two_torchrun_nodes_on_loopback_grow_mid_run(tmp_path):
+    config = growth_config(tmp_path, "megatron", tp=2)
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+             "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mgrow-test",
+             "-m", "mgrow.cli", "train", "--config", str(config)],
+            cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        for node in range(2)
+    ]
+    done = []
+    for node in nodes:
+        out, err = node.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
+    check_run(tmp_path, done, params_after=_grown_params())
+    assert "tp=2 pp=1 dp=2" in done[0].stdout + done[1].stdout
+
+
+def test_deepspeed_launcher_with_a_hostfile_grows_zero2_mid_run(tmp_path):
+    config = growth_config(tmp_path, "zero2", tp=1)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
+         "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "--module", "mgrow.cli", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    check_run(tmp_path, [done], params_after=_grown_params())
+    assert "tp=1 pp=1 dp=2 | optimizer zero2" in done.stdout
+
+
+def _grown_params():
+    from launch_utils import TINY_MODEL
+    from mgrow.model_config import ModelConfig
+    from mgrow.plan import load_plan
+
+    return load_plan(PLAN).validate(ModelConfig(**TINY_MODEL))[-1].num_parameters()
+
+
+@pytest.mark.parametrize("event, field", [
+    ({"plan": PLAN}, "growth[0].at_step"),
+    ({"at_step": 3, "at_tokens": 9, "plan": PLAN}, "growth[0].at_step"),
+    ({"at_step": 0, "plan": PLAN}, "growth[0].at_step"),
+    ({"at_step": 3}, "growth[0].plan"),
+    ({"at_step": 3, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 8}}]}}, "growth[0].plan.ops[0].mlp.ffn_hidden_size"),
+    ({"at_step": 3, "plan": {"ops": [{"layers": {"num_layers": 3}}]}}, "growth[0].plan"),
+    ({"at_step": 3, "plan": PLAN, "optimizer_state": "zero"}, "growth[0].optimizer_state"),
+    ({"at_step": 3, "plan": PLAN, "global_batch_size": 6}, "growth[0].global_batch_size"),
+    ({"at_step": 3, "plan": PLAN, "when": 4}, "growth[0].when"),
+])
+def test_bad_growth_events_name_the_field(tmp_path, event, field):
+    config = write_config(tmp_path, parallel={"tp": 1, "pp": 2})
+    raw = yaml.safe_load(config.read_text())
+    raw["growth"] = [event]
+    with pytest.raises(ConfigError) as caught:
+        train_config.from_dict(raw).check_world(4)
+    assert caught.value.field == field, caught.value
+
+
+def test_events_must_come_in_order(tmp_path):
+    raw = yaml.safe_load(write_config(tmp_path).read_text())
+    raw["growth"] = [{"at_step": 5, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 96}}]}},
+                     {"at_step": 5, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 128}}]}}]
+    with pytest.raises(ConfigError, match="growth\\[1\\].at_step: events must come in order"):
+        train_config.from_dict(raw)
