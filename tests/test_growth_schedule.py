@@ -2,7 +2,6 @@
 deepspeed launcher. The loss on the held batch right after each event equals the loss right before it."""
 
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -46,13 +45,12 @@ def check_run(tmp_path, done, params_after):
 def test_two_torchrun_nodes_on_loopback_grow_mid_run(tmp_path):
     config = growth_config(tmp_path, "megatron", tp=2)
     port = free_port()
-    nodes = [
+    nodes = [  # launch/torchrun.sh, as on two machines: NNODES, NODE_RANK, MASTER_ADDR/PORT, c10d rendezvous
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
-             "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mgrow-test",
-             "-m", "mgrow.cli", "train", "--config", str(config)],
-            cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            ["bash", str(REPO / "launch" / "torchrun.sh"), str(config)], cwd=REPO,
+            env={**clean_env(), "PYTHONWARNINGS": "ignore", "NNODES": "2", "NODE_RANK": str(node),
+                 "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "mgrow-test"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node in range(2)
     ]
     done = []
@@ -67,11 +65,10 @@ def test_deepspeed_launcher_with_a_hostfile_grows_zero2_mid_run(tmp_path):
     config = growth_config(tmp_path, "zero2", tp=1)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh_check",
-         "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "--module", "mgrow.cli", "train", "--config", str(config)],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(  # launch/deepspeed.sh with a hostfile naming localhost only
+        ["bash", str(REPO / "launch" / "deepspeed.sh"), str(config)], capture_output=True, text=True, timeout=300,
+        cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore", "HOSTFILE": str(hostfile),
+                       "MASTER_PORT": str(free_port())})
     check_run(tmp_path, [done], params_after=_grown_params())
     assert "tp=1 pp=1 dp=2 | optimizer zero2" in done.stdout
 
