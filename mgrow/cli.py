@@ -1,4 +1,4 @@
-"""`mgrow` command line: train, verify, data."""
+"""`mgrow` command line: train, verify, plot, data."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
 
     verify_cmd.add_arguments(verify)
 
+    plot = sub.add_parser("plot", help="draw a run's loss curve with its growth events (PNG)")
+    plot.add_argument("--metrics", required=True, help="the run's metrics file (train.metrics_path)")
+    plot.add_argument("--out", required=True, help="PNG to write")
+    plot.add_argument("--title", default="", help="plot title (default: the run folder's name)")
+
     data = sub.add_parser("data", help="build the indexed byte-level corpus")
     data.add_argument("--out", default="data/cache/corpus", help="output prefix (.bin/.idx are written)")
     data.add_argument("--source", action="append", default=None, help="text file or folder (repeatable)")
@@ -41,6 +46,11 @@ def main(argv=None) -> int:
             from mgrow import verify as verify_cmd
 
             return verify_cmd.run(args)
+        if args.command == "plot":
+            from mgrow.plot import plot_loss
+
+            print(plot_loss(args.metrics, args.out, args.title))
+            return 0
         if args.command == "data":
             from mgrow.data import DEFAULT_SOURCES, build_corpus
 

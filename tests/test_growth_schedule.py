@@ -107,3 +107,20 @@ def test_events_must_come_in_order(tmp_path):
                      {"at_step": 5, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 128}}]}}]
     with pytest.raises(ConfigError, match="growth\\[1\\].at_step: events must come in order"):
         train_config.from_dict(raw)
+
+
+def test_plot_draws_the_loss_curve_with_growth_events(tmp_path):
+    import json
+
+    from mgrow.plot import plot_loss
+
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 5.0 - 0.1 * s} for s in range(1, 11)]
+    records.insert(5, {"event": "growth", "step": 5, "params_before": 1000, "params_after": 4000,
+                       "held_loss_before": 4.5, "held_loss_after": 4.5})
+    metrics.write_text("\n".join(json.dumps(r) for r in records))
+    out = plot_loss(str(metrics), str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.endswith("loss.png")
+    with pytest.raises(ConfigError, match="--metrics: metrics file .* does not exist"):
+        plot_loss(str(tmp_path / "none.jsonl"), str(tmp_path / "x.png"))

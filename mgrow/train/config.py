@@ -7,6 +7,7 @@ naming the dotted field, before any process group or model exists.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -165,6 +166,10 @@ def _validate(cfg: TrainConfig) -> None:
             f"must be >= 0 and < the decay steps (optimizer.decay_steps or train.steps = {decay_steps}), "
             f"got {o.warmup_steps}",
         )
+    stage = (cfg.deepspeed.get("zero_optimization") or {}).get("stage")
+    if stage is not None and stage != o.zero_stage:
+        raise ConfigError("deepspeed.zero_optimization.stage",
+                          f"{stage} contradicts optimizer.type {o.type} (zero1|zero2|zero3 choose the stage)")
     if cfg.model.vocab_size < 256:
         raise ConfigError("model.vocab_size", f"the byte-level corpus needs >= 256 tokens, got {cfg.model.vocab_size}")
     cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.pp)
@@ -207,9 +212,7 @@ def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
         with open(path) as f:
             model = yaml.safe_load(f)
     sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
-    deepspeed = raw.get("deepspeed") or {}
-    if not isinstance(deepspeed, dict):
-        raise ConfigError("deepspeed", "must be a mapping of DeepSpeed config keys")
+    deepspeed = _deepspeed_section(raw.get("deepspeed"), base_dir)
     model = ModelConfig.from_dict(model)
     parallel = sections["parallel"]
     model.check_layout(parallel.tp, parallel.pp)  # before the growth events, which start from this model
@@ -217,6 +220,24 @@ def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     cfg = TrainConfig(model=model, deepspeed=deepspeed, growth=growth, **sections)
     _validate(cfg)
     return cfg
+
+
+def _deepspeed_section(value: Any, base_dir: str) -> dict:
+    """DeepSpeed config keys: a mapping, or the path of a DeepSpeed JSON (configs/deepspeed/*.json)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        if not os.path.exists(path):
+            raise ConfigError("deepspeed", f"DeepSpeed config file {path} does not exist")
+        with open(path) as f:
+            try:
+                value = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ConfigError("deepspeed", f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("deepspeed", "must be a mapping of DeepSpeed config keys or the path of a DeepSpeed JSON")
+    return value
 
 
 def load(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
