@@ -4,10 +4,8 @@ Each test runs tests/growth_worker.py under torchrun; every rank writes its resu
 """
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,7 +1,10 @@
 """Mid-run growth in real jobs (issue 5, first part): a growth schedule under torchrun multi-node and the
 deepspeed launcher. The loss on the held batch right after each event equals the loss right before it."""
 
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,18 +18,18 @@ PLAN = {"ops": [{"hidden": {"hidden_size": 48}}, {"heads": {"num_attention_heads
                 {"mlp": {"ffn_hidden_size": 96}}, {"layers": {"insert_before": [1], "num_layers": 4}}]}
 
 
-def growth_config(tmp_path, optimizer, tp, **event):
+def growth_config(tmp_path, optimizer, tp, wandb=None, **event):
     config = write_config(tmp_path, parallel={"tp": tp, "pp": 1}, optimizer={"type": optimizer},
                           train={"steps": 5})
     raw = yaml.safe_load(config.read_text())
     raw["growth"] = [{"at_step": 3, "plan": PLAN, "lr_warmup_steps": 2, **event}]
+    if wandb:
+        raw["wandb"] = wandb
     config.write_text(yaml.safe_dump(raw))
     return config
 
 
 def read_metrics(path):
-    import json
-
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -43,7 +46,9 @@ def check_run(tmp_path, done, params_after):
 
 
 def test_two_torchrun_nodes_on_loopback_grow_mid_run(tmp_path):
-    config = growth_config(tmp_path, "megatron", tp=2)
+    """Also logs to an offline W&B run, read back with W&B's own reader (`wandb leet inspect --json`)."""
+    config = growth_config(tmp_path, "megatron", tp=2, wandb={"mode": "offline", "dir": str(tmp_path / "wb"),
+                                                             "project": "mgrow-test", "tags": ["ci"]})
     port = free_port()
     nodes = [  # launch/torchrun.sh, as on two machines: NNODES, NODE_RANK, MASTER_ADDR/PORT, c10d rendezvous
         subprocess.Popen(
@@ -59,10 +64,37 @@ def test_two_torchrun_nodes_on_loopback_grow_mid_run(tmp_path):
         done.append(subprocess.CompletedProcess(node.args, node.returncode, out, err))
     check_run(tmp_path, done, params_after=_grown_params())
     assert "tp=2 pp=1 dp=2" in done[0].stdout + done[1].stdout
+    history = wandb_history(tmp_path / "wb")
+    steps = [row for row in history if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3, 4, 5]
+    assert all({"lr", "tokens", "params"} <= set(row) for row in steps)
+    (event,) = [row for row in history if "growth/params_after" in row]
+    metrics = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "growth"][0]
+    for field in ("params_before", "params_after", "max_abs_logit_diff", "held_loss_before", "held_loss_after",
+                  "growth_seconds", "peak_rss_bytes", "tokens"):
+        assert event[f"growth/{field}"] == pytest.approx(metrics[field], rel=1e-12), field
+    assert event["step"] == 3 and json.loads(event["growth/plan"]) == metrics["plan"]
+
+
+def wandb_history(wandb_dir):
+    """History rows of the one offline run under ``wandb_dir``, through W&B's own log reader.
+
+    (DeepSpeed's monitor calling wandb.init gets the active run back, but wandb leaves an empty run folder.)
+    """
+    (log,) = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    done = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(log)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
 def test_deepspeed_launcher_with_a_hostfile_grows_zero2_mid_run(tmp_path):
-    config = growth_config(tmp_path, "zero2", tp=1)
+    """DeepSpeed's own W&B monitor section is honoured too: its rows land in the same offline run."""
+    config = growth_config(tmp_path, "zero2", tp=1, wandb={"mode": "offline", "dir": str(tmp_path / "wb")})
+    raw = yaml.safe_load(config.read_text())
+    raw["deepspeed"] = {"wandb": {"enabled": True, "project": "mgrow-test"}}
+    config.write_text(yaml.safe_dump(raw))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     done = subprocess.run(  # launch/deepspeed.sh with a hostfile naming localhost only
@@ -71,6 +103,9 @@ def test_deepspeed_launcher_with_a_hostfile_grows_zero2_mid_run(tmp_path):
                        "MASTER_PORT": str(free_port())})
     check_run(tmp_path, [done], params_after=_grown_params())
     assert "tp=1 pp=1 dp=2 | optimizer zero2" in done.stdout
+    history = wandb_history(tmp_path / "wb")
+    assert any("Train/Samples/lr" in row for row in history)  # DeepSpeed's monitor
+    assert any("growth/params_after" in row for row in history) and any("loss" in row for row in history)
 
 
 def _grown_params():
@@ -110,8 +145,6 @@ def test_events_must_come_in_order(tmp_path):
 
 
 def test_plot_draws_the_loss_curve_with_growth_events(tmp_path):
-    import json
-
     from mgrow.plot import plot_loss
 
     metrics = tmp_path / "metrics.jsonl"

@@ -18,6 +18,7 @@ from mgrow.data import DEFAULT_SOURCES
 from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
 from mgrow.train import schedule
+from mgrow.train.metrics import WANDB_MODES, WandbConfig
 
 OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
 
@@ -76,11 +77,13 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
     growth: tuple = ()  # GrowthEvent, in order (mgrow.train.schedule)
+    wandb: Optional[WandbConfig] = None  # None: no W&B run
 
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parallel", "optimizer", "train", "data")}
         out["model"] = self.model.to_dict()
         out["deepspeed"] = dict(self.deepspeed)
+        out["wandb"] = None if self.wandb is None else dataclasses.asdict(self.wandb)
         out["growth"] = [{**{k: v for k, v in dataclasses.asdict(e).items() if k != "plan" and v is not None},
                           "plan": e.plan.to_dict()} for e in self.growth]
         return out
@@ -198,7 +201,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a YAML mapping")
-    known = set(_SECTIONS) | {"model", "deepspeed", "growth"}
+    known = set(_SECTIONS) | {"model", "deepspeed", "growth", "wandb"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown section; known sections: {', '.join(sorted(known))}")
@@ -217,7 +220,10 @@ def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     parallel = sections["parallel"]
     model.check_layout(parallel.tp, parallel.pp)  # before the growth events, which start from this model
     growth = schedule.parse(raw.get("growth"), model, parallel.tp, parallel.pp)
-    cfg = TrainConfig(model=model, deepspeed=deepspeed, growth=growth, **sections)
+    wandb = None if raw.get("wandb") is None else _section(WandbConfig, raw["wandb"], "wandb")
+    if wandb is not None and wandb.mode not in WANDB_MODES:
+        raise ConfigError("wandb.mode", f"must be one of {' | '.join(WANDB_MODES)}, got {wandb.mode!r}")
+    cfg = TrainConfig(model=model, deepspeed=deepspeed, growth=growth, wandb=wandb, **sections)
     _validate(cfg)
     return cfg
 

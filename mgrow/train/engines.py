@@ -11,6 +11,7 @@ cosine decay), so their learning rates agree step for step.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -200,6 +201,9 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         o = cfg.optimizer
+        if (cfg.deepspeed.get("wandb") or {}).get("enabled"):
+            # DeepSpeed's own W&B monitor calls wandb.init without a mode: offline unless the user says online.
+            os.environ.setdefault("WANDB_MODE", cfg.wandb.mode if cfg.wandb is not None else "offline")
         optimizer = torch.optim.AdamW(
             _decay_groups(model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )

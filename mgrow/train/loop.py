@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from mgrow.model import build_gpt
 from mgrow.runtime import Layout, init_distributed
 from mgrow.train.config import TrainConfig
 from mgrow.train.engines import build_engine, global_mean_loss
+from mgrow.train.metrics import RunLog
 
 
 @dataclass
@@ -58,15 +58,16 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
     train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, layout)
     valid_batches = Batches(TokenWindows(cfg.data.path, "valid", t.seq_length, t.seed), cfg, layout)
 
+    leader = layout.rank == 0
+    # Before the engine: DeepSpeed's own W&B monitor then logs into this run instead of starting one in cwd.
+    metrics = RunLog(t.metrics_path, cfg.wandb, cfg.to_dict()) if leader else RunLog(None, None, {})
     model = build_gpt(cfg.model, seed=t.seed)
     engine = build_engine(model, cfg, dp)
-    leader = layout.rank == 0
     if leader:
         log(
             f"mgrow: {cfg.model.num_parameters():,} parameters | tp={layout.tp} pp={layout.pp} dp={layout.dp} "
             f"| optimizer {cfg.optimizer.type} | global batch {t.global_batch_size} x {t.seq_length} tokens"
         )
-    metrics = _Metrics(t.metrics_path if leader else None)
     progress = _progress(t.steps) if leader and t.progress else None
     result = TrainResult()
     events, rewarm = list(cfg.growth), None
@@ -91,14 +92,18 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
             rewarm = rewarm if since + 1 < length else None
         loss = global_mean_loss(engine.train_step(train_batches(step)))
         result.losses.append(loss)
-        metrics.write(step=step + 1, loss=loss, lr=engine.lr())
         window_steps += 1
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
-        if (step + 1) % t.log_interval == 0 or step + 1 == t.steps:
+        logged = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
+        if logged:
             elapsed = time.perf_counter() - window_start
             result.tokens_per_second = window_steps * t.global_batch_size * t.seq_length / elapsed
+        metrics.write(step=step + 1, loss=loss, lr=engine.lr(), tokens=train_batches.start(step + 1) * t.seq_length,
+                      params=cfg.model.num_parameters(),
+                      **({"tokens_per_second": result.tokens_per_second} if logged else {}))
+        if logged:
             if leader:
                 log(
                     f"step {step + 1:>5}/{t.steps} | loss {loss:.4f} | lr {engine.lr():.3e} "
@@ -140,25 +145,6 @@ def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int
 
 def evaluate(engine, batches: Batches, count: int) -> float:
     return sum(global_mean_loss(engine.eval_step(batches(i))) for i in range(count)) / count
-
-
-class _Metrics:
-    """JSON lines, one per step or evaluation, for plots and tests."""
-
-    def __init__(self, path):
-        self.file = None
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "w")
-
-    def write(self, **record) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
 
 
 def _progress(total: int):
