@@ -5,6 +5,7 @@
 MODE ``failure``: train 2 steps, snapshot the state, grow with a failure injected
 (MGROW_INJECT_GROWTH_FAILURE in the environment) or by a plan the layout refuses,
 record the error, compare the state bit for bit, train one more step.
+MODE ``reset``: train 2 steps, grow with optimizer_state reset, record the new Adam step and take a step.
 MODE ``memory``: train 2 steps, grow, record peak RSS growth during grow and the
 state bytes of the old and new shards.
 MODE ``continue``: train on the corpus, grow, train 20 more steps; record the losses.
@@ -65,6 +66,10 @@ def main() -> None:
         result["unchanged"] = lr_before == lr_after and all(
             torch.equal(before[kind][name], after[kind][name]) for kind in before for name in before[kind]
         )
+        result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)))
+    elif mode == "reset":
+        engine, _, _ = grow(engine, cfg, plan, optimizer_state="reset")
+        result["step_after_reset"] = engine.optimizer_state().step()
         result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)))
     elif mode == "memory":
         old_bytes = _state_bytes(engine)

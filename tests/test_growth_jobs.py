@@ -58,6 +58,12 @@ def test_a_plan_the_layout_cannot_hold_is_refused_on_every_rank(tmp_path):
         assert result["unchanged"] and result["compared"] > 0, result
 
 
+def test_optimizer_state_reset_starts_a_fresh_adam(tmp_path):
+    results = run_worker(tmp_path, "reset", 4, TINY, EVERY_KIND, "zero2", 2, 1)
+    for result in results:
+        assert result["step_after_reset"] is None and 0 < result["next_loss"] < 10, result
+
+
 def test_peak_memory_stays_within_old_plus_new_shard_plus_one_parameter(tmp_path):
     """TP2 x PP2 x DP2, DistributedOptimizer: each rank holds about 1/4 of the weights and 1/8 of the moments.
 

@@ -108,6 +108,26 @@ def test_deepspeed_launcher_with_a_hostfile_grows_zero2_mid_run(tmp_path):
     assert any("growth/params_after" in row for row in history) and any("loss" in row for row in history)
 
 
+def test_token_trigger_batch_change_and_reset_continue_the_data_stream(tmp_path):
+    """at_tokens fires at the first step at or after it; the global batch doubles from the event on."""
+    config = write_config(tmp_path, parallel={"tp": 1, "pp": 2}, train={"steps": 6})
+    raw = yaml.safe_load(config.read_text())
+    raw["growth"] = [{"at_tokens": 600, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 96}}]},
+                      "optimizer_state": "reset", "global_batch_size": 16}]
+    config.write_text(yaml.safe_dump(raw))
+    from launch_utils import torchrun
+
+    result = torchrun(tmp_path, 2, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in result.metrics if "loss" in r]
+    (event,) = [r for r in result.metrics if r.get("event") == "growth"]
+    # 8 samples x 32 tokens a step: 512 tokens after step 2, 768 after step 3 -> grows before step 4
+    assert event["step"] == 3 and event["tokens"] == 768 and event["global_batch_size"] == 16
+    assert event["optimizer_state"] == "reset"
+    assert abs(event["held_loss_after"] - event["held_loss_before"]) <= 1e-5
+    assert [r["tokens"] for r in steps] == [256, 512, 768, 1280, 1792, 2304]
+
+
 def _grown_params():
     from launch_utils import TINY_MODEL
     from mgrow.model_config import ModelConfig
