@@ -1,8 +1,10 @@
 """Reference growth operators on full (unsharded) megatron-core GPT state dicts.
 
-Each operator is a pure function ``grow_X(state, cfg, target..., *, rng) ->
-GrowthResult(state, cfg, maps)``: it never changes its inputs, validates the
-target before anything is built, and knows nothing of TP/PP or optimizers.
+Each operator module has ``step(cfg, target...) -> OpStep`` (validates the
+target, builds the per-axis rules; ``source``/``grow`` then make one grown
+tensor at a time) and the whole-state form ``grow_X(state, cfg, target..., *,
+rng) -> GrowthResult(state, cfg, maps)``. Neither changes its inputs, and
+neither knows anything of TP/PP or optimizers.
 """
 
 from mgrow.ops.common import FreeValues, GrowthResult
