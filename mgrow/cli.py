@@ -1,4 +1,4 @@
-"""`mgrow` command line: train, verify, plot, data."""
+"""`mgrow` command line: train, verify, grow-checkpoint, plot, data."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
 
     verify_cmd.add_arguments(verify)
 
+    grow_checkpoint = sub.add_parser("grow-checkpoint", help="grow a saved checkpoint (weights and optimizer state)")
+    from mgrow.checkpoint import offline
+
+    offline.add_grow_arguments(grow_checkpoint)
+
     plot = sub.add_parser("plot", help="draw a run's loss curve with its growth events (PNG)")
     plot.add_argument("--metrics", required=True, help="the run's metrics file (train.metrics_path)")
     plot.add_argument("--out", required=True, help="PNG to write")
@@ -46,6 +51,10 @@ def main(argv=None) -> int:
             from mgrow import verify as verify_cmd
 
             return verify_cmd.run(args)
+        if args.command == "grow-checkpoint":
+            from mgrow.checkpoint import offline
+
+            return offline.grow_command(args)
         if args.command == "plot":
             from mgrow.plot import plot_loss
 

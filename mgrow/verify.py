@@ -31,9 +31,11 @@ OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
-    parser.add_argument("--plan", required=True, action="append",
+    parser.add_argument("--model", help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
+    parser.add_argument("--plan", action="append",
                         help="growth plan YAML (e.g. configs/plans/all_ops.yaml); repeat to check several")
+    parser.add_argument("--before", help="checkpoint A: compare its logits with --after's instead of growing a model")
+    parser.add_argument("--after", help="checkpoint B (e.g. made from A by mgrow grow-checkpoint)")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="largest max-abs logit difference accepted")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random model and tokens")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (sharded check)")
@@ -45,6 +47,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.before is not None or args.after is not None:
+        if args.before is None or args.after is None or args.model or args.plan:
+            raise ConfigError("--before", "checkpoints are compared as --before A --after B, without --model/--plan")
+        from mgrow.checkpoint.offline import verify_checkpoints
+
+        return verify_checkpoints(args.before, args.after, args.tol, args.seed)
+    for flag in ("model", "plan"):
+        if not getattr(args, flag):
+            raise ConfigError(f"--{flag}", "required (or compare two checkpoints with --before A --after B)")
     cfg = load_model_config(args.model)
     plans = [load_plan(path) for path in args.plan]
     sharded = args.optimizer is not None or (args.tp, args.pp, args.dp) != (1, 1, 1)

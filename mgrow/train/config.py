@@ -69,18 +69,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    save: Optional[str] = None  # root folder of the checkpoints; None: no checkpoints
+    interval: int = 0  # save every N steps; 0: only at the end of training
+    load: Optional[str] = None  # root (its `latest`) or step folder to resume from; a root with no checkpoint yet starts fresh
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
     growth: tuple = ()  # GrowthEvent, in order (mgrow.train.schedule)
     wandb: Optional[WandbConfig] = None  # None: no W&B run
 
     def to_dict(self) -> dict:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in ("parallel", "optimizer", "train", "data")}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
         out["model"] = self.model.to_dict()
         out["deepspeed"] = dict(self.deepspeed)
         out["wandb"] = None if self.wandb is None else dataclasses.asdict(self.wandb)
@@ -115,6 +123,7 @@ _SECTIONS = {
     "optimizer": OptimizerConfig,
     "train": TrainLoopConfig,
     "data": DataConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
@@ -169,6 +178,8 @@ def _validate(cfg: TrainConfig) -> None:
             f"must be >= 0 and < the decay steps (optimizer.decay_steps or train.steps = {decay_steps}), "
             f"got {o.warmup_steps}",
         )
+    if cfg.checkpoint.interval < 0:
+        raise ConfigError("checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}")
     stage = (cfg.deepspeed.get("zero_optimization") or {}).get("stage")
     if stage is not None and stage != o.zero_stage:
         raise ConfigError("deepspeed.zero_optimization.stage",

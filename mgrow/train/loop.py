@@ -49,53 +49,70 @@ class Batches:
 
 
 def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainResult:
+    from mgrow import checkpoint
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = cfg.check_world(world)  # refuse before any process group exists
+    resume = _find_resume(cfg)  # a bad checkpoint is refused here too, on every rank
     if cfg.data.sources:
         ensure_corpus(cfg.data.path, cfg.data.sources)
     layout = layout or init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    progress = checkpoint.Progress() if resume is None else resume.progress
+    if resume is not None:
+        cfg = resume.cfg
     t = cfg.train
-    train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, layout)
+    train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, layout,
+                            progress.first_step, progress.first_sample)
     valid_batches = Batches(TokenWindows(cfg.data.path, "valid", t.seq_length, t.seed), cfg, layout)
 
     leader = layout.rank == 0
     # Before the engine: DeepSpeed's own W&B monitor then logs into this run instead of starting one in cwd.
-    metrics = RunLog(t.metrics_path, cfg.wandb, cfg.to_dict()) if leader else RunLog(None, None, {})
+    metrics = (RunLog(t.metrics_path, cfg.wandb, cfg.to_dict(), append=resume is not None) if leader
+               else RunLog(None, None, {}))
     model = build_gpt(cfg.model, seed=t.seed)
     engine = build_engine(model, cfg, dp)
+    if resume is not None:
+        checkpoint.load(engine, resume)
     if leader:
         log(
             f"mgrow: {cfg.model.num_parameters():,} parameters | tp={layout.tp} pp={layout.pp} dp={layout.dp} "
             f"| optimizer {cfg.optimizer.type} | global batch {t.global_batch_size} x {t.seq_length} tokens"
         )
-    progress = _progress(t.steps) if leader and t.progress else None
+        if resume is not None:
+            log(f"mgrow: resumed from {resume.folder} at step {progress.step} "
+                f"({progress.growth_applied} growth events applied)")
+    progress_bar = _progress(t.steps, progress.step) if leader and t.progress else None
     result = TrainResult()
-    events, rewarm = list(cfg.growth), None
+    events = list(cfg.growth)[progress.growth_applied:]
     held = valid_batches(0)  # the held batch every growth event is checked on
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(t.steps):
+    for step in range(progress.step, t.steps):
         tokens_done = train_batches.start(step) * t.seq_length
         while events and events[0].due(step, tokens_done):
             event = events.pop(0)
             engine, cfg, record = grow_at(event, engine, cfg, held, step, tokens_done)
             train_batches = Batches(train_batches.windows, cfg, layout, step, train_batches.start(step))
             t = cfg.train
-            rewarm = (step, event.lr_warmup_steps) if event.lr_warmup_steps else None
+            progress.growth_applied += 1
+            progress.first_step, progress.first_sample = train_batches.first_step, train_batches.first_sample
+            progress.rewarm = (step, event.lr_warmup_steps) if event.lr_warmup_steps else None
+            progress.history.append({"step": step, "plan": record["plan"], "source": "schedule"})
             metrics.write(**record)
             if leader:
                 log(f"step {step:>5}/{t.steps} | grew {record['params_before']:,} -> {record['params_after']:,} "
                     f"parameters in {record['growth_seconds']:.2f} s | held-batch loss "
                     f"{record['held_loss_before']:.6f} -> {record['held_loss_after']:.6f}")
-        if rewarm is not None:
-            since, length = step - rewarm[0], rewarm[1]
+        if progress.rewarm is not None:
+            since, length = step - progress.rewarm[0], progress.rewarm[1]
             engine.scale_lr(min(1.0, (since + 1) / length))
-            rewarm = rewarm if since + 1 < length else None
+            progress.rewarm = progress.rewarm if since + 1 < length else None
         loss = global_mean_loss(engine.train_step(train_batches(step)))
+        progress.step = step + 1
         result.losses.append(loss)
         window_steps += 1
-        if progress:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
+        if progress_bar:
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{loss:.4f}")
         logged = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
         if logged:
             elapsed = time.perf_counter() - window_start
@@ -116,10 +133,37 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
             metrics.write(step=step + 1, validation_loss=eval_loss)
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | validation loss {eval_loss:.4f}")
-    if progress:
-        progress.close()
+        if _save_due(cfg, step + 1):
+            folder = checkpoint.save(engine, cfg, progress, cfg.checkpoint.save)
+            if leader:
+                log(f"step {step + 1:>5}/{t.steps} | saved {folder}")
+            window_start = time.perf_counter()
+    if progress_bar:
+        progress_bar.close()
     metrics.close()
     return result
+
+
+def _find_resume(cfg: TrainConfig):
+    """The checkpoint to resume from (checked against ``cfg``), or None to start fresh."""
+    from mgrow import checkpoint
+    from mgrow.checkpoint import files
+
+    path = cfg.checkpoint.load
+    if path is None:
+        return None
+    if not os.path.exists(path) and path != cfg.checkpoint.save:
+        raise checkpoint.CheckpointError("checkpoint.load", f"{path} does not exist")
+    if not files.is_step_folder(path) and not files.has_checkpoint(path):
+        return None  # like Megatron-LM's --load: a checkpoint root with nothing in it yet starts a fresh run
+    return checkpoint.open_for_resume(path, cfg)
+
+
+def _save_due(cfg: TrainConfig, steps_done: int) -> bool:
+    c = cfg.checkpoint
+    if c.save is None:
+        return False
+    return steps_done == cfg.train.steps or bool(c.interval and steps_done % c.interval == 0)
 
 
 def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int, tokens: int):
@@ -147,7 +191,8 @@ def evaluate(engine, batches: Batches, count: int) -> float:
     return sum(global_mean_loss(engine.eval_step(batches(i))) for i in range(count)) / count
 
 
-def _progress(total: int):
+def _progress(total: int, done: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="train", file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+    return tqdm(total=total, initial=done, desc="train", file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=None)

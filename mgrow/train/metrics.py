@@ -29,11 +29,12 @@ class WandbConfig:
 
 
 class RunLog:
-    def __init__(self, metrics_path: Optional[str], wandb_cfg: Optional[WandbConfig], run_config: dict):
+    def __init__(self, metrics_path: Optional[str], wandb_cfg: Optional[WandbConfig], run_config: dict,
+                 append: bool = False):
         self.file = None
         if metrics_path:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-            self.file = open(metrics_path, "w")
+            self.file = open(metrics_path, "a" if append else "w")  # a resumed run goes on in the same file
         self.run = None
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
