@@ -16,6 +16,7 @@ import sys
 import pytest
 import yaml
 
+from conftest import free_port
 from launch_utils import REPO, clean_env, spawn_ranks, torchrun, write_config
 from mgrow.checkpoint import KILL_ENV, CheckpointError, files, open_for_resume
 from mgrow.errors import ConfigError
@@ -115,27 +116,31 @@ def test_zero2_checkpoint_resumes_on_other_layouts(zero_run, tmp_path, tp, nproc
 
 
 def test_grow_checkpoint_equals_growing_in_memory(megatron_run, tmp_path):
-    """The reference run's step-2 checkpoint A was saved before the first event; grow-checkpoint grows A by
-    that event's plan into B; `verify --before A --after B` keeps the logits; training resumed from B (at
-    TP2 x PP1, with the config minus the first event: B's history replays it) gives the uninterrupted
-    losses, second event included."""
+    """launch/grow_and_resume.sh on the reference run's step-2 checkpoint A (saved before the first event):
+    grow-checkpoint grows A by that event's plan into B, `verify --before A --after B` keeps the logits, and
+    training resumed from B (TP2 x PP1, the config without the first event: B's history replays it) gives
+    the uninterrupted losses, second event included."""
     tmp, reference, _ = megatron_run
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(FIRST))
-    a = tmp / "ckpt" / "step_00000002"
-    grown = run_cli("grow-checkpoint", "--in", str(a), "--plan", str(plan), "--out", str(tmp_path / "b"))
+    a, b = tmp / "ckpt" / "step_00000002", tmp_path / "b"
+    config = make_config(tmp_path, "megatron", 2, 1, schedule(first=False))
+    done = subprocess.run(["bash", str(REPO / "launch" / "grow_and_resume.sh"), str(config), str(a), str(plan),
+                           str(b)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**clean_env(), "PYTHONWARNINGS": "ignore", "NPROC_PER_NODE": "2",
+                               "MASTER_PORT": str(free_port())})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    grown, check = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert grown["params_after"] > grown["params_before"] and grown["max_abs_logit_diff"] <= TOL
-    check = run_cli("verify", "--before", str(a), "--after", str(tmp_path / "b"))
     assert check["ok"] and check["max_abs_logit_diff"] <= TOL
     assert check["params_before"] == grown["params_before"] and check["params_after"] == grown["params_after"]
-    metadata = files.read_metadata(tmp_path / "b" / "step_00000002")
+    metadata = files.read_metadata(b / "step_00000002")
     assert metadata["progress"]["history"] == [{"step": 2, "plan": grown_plan(), "source": "offline"}]
     assert metadata["model"]["ffn_hidden_size"] == 96 and metadata["layout"] == {"tp": 2, "pp": 2, "dp": 1}
-
-    resume = make_config(tmp_path, "megatron", 2, 1, schedule(first=False), load=str(tmp_path / "b"))
-    result = torchrun(tmp_path, 2, resume)
-    assert_same_losses(losses(result), reference, first_step=3)
-    assert events_of(result) == [5]
+    resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert_same_losses({r["step"]: r["loss"] for r in resumed if "loss" in r}, reference, first_step=3)
+    assert [r["step"] for r in resumed if r.get("event") == "growth"] == [5]
+    assert (b / "latest").read_text() == "step_00000009"  # the resumed run saves into B
 
 
 def grown_plan():
