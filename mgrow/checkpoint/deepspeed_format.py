@@ -7,7 +7,9 @@ Resuming on the layout that saved it is DeepSpeed's plain ``load_checkpoint``.
 On another TP/DP layout the checkpoint is first converted to DeepSpeed's
 universal format (``ds_to_universal``, rank 0, into a scratch folder beside the
 checkpoint) and loaded with ``load_universal``; the flat partitions are then
-rebuilt for the new layout by DeepSpeed itself.
+rebuilt for the new layout by DeepSpeed itself. DeepSpeed 0.19.8's ZeRO-3
+universal load has two faults that are repaired after it runs
+(:func:`_repair_stage3_universal_load`).
 """
 
 from __future__ import annotations
@@ -70,11 +72,37 @@ def load(engine, folder: str, metadata: dict) -> None:
     config.load_universal_checkpoint = True
     try:
         engine.engine.load_checkpoint(str(scratch), tag=UNIVERSAL)
+        if engine.engine.zero_optimization_stage() == 3:
+            _repair_stage3_universal_load(engine.optimizer, scratch / UNIVERSAL)
     finally:
         config.load_universal_checkpoint = False
         dist.barrier()
         if layout.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _repair_stage3_universal_load(zero, universal: Path) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py:3664-3691).
+
+    It gives every sub-group one shared ``step`` tensor, which torch's AdamW then
+    advances once per sub-group at each step, and it copies param group 0's
+    hyper-parameters (``wd_mult``, ``weight_decay``) into every group, so the
+    no-decay group would decay. Each sub-group gets its own step; each group
+    gets its saved hyper-parameters back (``zero/optimizer_state.pt``,
+    written by ds_to_universal in the saved group order).
+    """
+    from deepspeed.checkpoint.constants import PARAM_GROUPS
+
+    for flat in zero.fp32_partitioned_groups_flat:
+        state = zero.optimizer.state.get(flat)
+        if state is not None and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)[PARAM_GROUPS]
+    groups = zero.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"ZeRO-3 universal load: {len(saved)} saved param groups, {len(groups)} in the optimizer")
+    for group, old in zip(groups, saved):
+        group.update({k: v for k, v in old.items() if k != "params"})
 
 
 def _to_universal(source: Path, scratch: Path) -> None:
