@@ -65,7 +65,13 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_s: float = 600)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            dist.init_process_group(backend, store=_restart_store(restart, timeout), rank=int(os.environ["RANK"]),
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     cpu_shims.apply()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -73,6 +79,20 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_s: float = 600)
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
+
+
+def _restart_store(restart: int, timeout: datetime.timedelta):
+    """The rendezvous store of a worker that torchrun restarted, under a prefix of its own attempt.
+
+    torchrun's agent keeps its store across restarts, and it still holds the
+    addresses the dead attempt's ranks published for the default process group:
+    without a fresh prefix a restarted rank connects to a dead peer's port
+    (gloo "connectFullMesh failed ... Connection refused").
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent_store and os.environ["RANK"] == "0", timeout=timeout)
+    return dist.PrefixStore(f"mgrow/attempt_{restart}", store)
 
 
 def init_single_process(seed: int = 1234) -> Layout:

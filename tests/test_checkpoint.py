@@ -18,7 +18,8 @@ import yaml
 
 from conftest import free_port
 from launch_utils import REPO, clean_env, spawn_ranks, torchrun, write_config
-from mgrow.checkpoint import KILL_ENV, CheckpointError, files, open_for_resume
+from mgrow.checkpoint import CheckpointError, files, open_for_resume
+from mgrow.faults import KILL_ENV
 from mgrow.errors import ConfigError
 from mgrow.train import config as train_config
 
@@ -251,9 +252,9 @@ def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(megatron_run, tmp_pa
 
 
 def test_a_rank_killed_mid_save_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
-    """Rank 1 dies by SIGKILL after writing its part of step 4 (MGROW_INJECT_SAVE_KILL); the job resumes."""
+    """Rank 1 dies by SIGKILL after writing its part of step 4 (mgrow.faults); the job resumes."""
     config = make_config(tmp_path, "adam", 1, 1, [], steps=4, save=str(tmp_path / "ckpt"), interval=2)
-    monkeypatch.setenv(KILL_ENV, "4")
+    monkeypatch.setenv(KILL_ENV, "save:4")
     killed = torchrun(tmp_path, 2, config)
     monkeypatch.delenv(KILL_ENV)
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
@@ -287,3 +288,27 @@ def test_the_distributed_optimizer_bugs_the_loader_works_around_are_still_there(
     fresh.load_state_dict(trained.optimizer.chained_optimizers[0].state_dict())
     steps = {id(state["step"]) for state in fresh.optimizer.state.values()}
     assert len(steps) == 1 and len(fresh.optimizer.state) > 1  # bug 3: one step tensor shared by all
+
+
+def test_a_save_starts_no_manager_process(single_rank, tmp_path):
+    """dist_checkpointing would start a spawn-context Manager for its write results, which outlives a killed
+    rank; mgrow's save keeps them in process (and the shim is still needed: megatron still starts one)."""
+    import inspect
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from launch_utils import TINY_MODEL
+    from mgrow.checkpoint import megatron_format
+    from mgrow.growth.verify_job import train_config as verify_config
+    from mgrow.model import build_gpt
+    from mgrow.model_config import ModelConfig
+    from mgrow.train.engines import build_engine
+
+    assert "Manager()" in inspect.getsource(filesystem_async._get_write_results_queue)
+    model = ModelConfig(**TINY_MODEL)
+    engine = build_engine(build_gpt(model), verify_config(model, 1, 1, "adam", 1, 16), 1)
+    before = set(multiprocessing.active_children())
+    megatron_format.save(engine, str(tmp_path))
+    assert set(multiprocessing.active_children()) == before
+    assert any(p.suffix == ".distcp" for p in (tmp_path / "model").iterdir())

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mgrow import faults
 from mgrow.checkpoint import files
 from mgrow.checkpoint.files import CheckpointError
 from mgrow.model_config import ModelConfig
@@ -82,7 +83,7 @@ def save(engine, cfg, progress: Progress, root: str) -> Path:
     dist.all_gather_object(states, _rng_state())
     if layout.rank == 0:
         torch.save(states, tmp / RNG_FILE)
-    _inject_save_failure(progress.step)
+    faults.kill_point("save", progress.step)
     dist.barrier()  # every rank's files are written
     final = Path(root) / files.step_name(progress.step)
     if layout.rank == 0:
@@ -182,16 +183,3 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["cpu"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-# Test hook: "STEP" makes rank 1 (rank 0 in a one-rank job) die by SIGKILL after writing its files of the
-# checkpoint of that step and before the folder is committed.
-KILL_ENV = "MGROW_INJECT_SAVE_KILL"
-
-
-def _inject_save_failure(step: int) -> None:
-    import os
-    import signal
-
-    if os.environ.get(KILL_ENV) == str(step) and dist.get_rank() == min(1, dist.get_world_size() - 1):
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -20,6 +20,7 @@ tests/test_checkpoint.py fails if any of them is fixed upstream or comes back.
 from __future__ import annotations
 
 import os
+import queue
 
 MODEL_DIR = "model"
 _METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -46,9 +47,25 @@ def save(engine, folder: str) -> None:
     """Collective: every rank writes its part of ``<folder>/model``."""
     from megatron.core import dist_checkpointing
 
+    _in_process_results_queue()
     directory = os.path.join(folder, MODEL_DIR)
     os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(engine, is_loading=False), directory)
+
+
+def _in_process_results_queue() -> None:
+    """Keep dist_checkpointing's write results in this process.
+
+    Its writer collects them in a queue served by a spawn-context Manager
+    process (filesystem_async.py:51-56) that re-imports ``__main__`` and, when
+    a rank is killed, lives on as an orphan (270 MB, and its parent's stdout and
+    stderr, which keeps a launcher's pipes open). A synchronous save puts and
+    reads the results in the saving process itself, so a plain queue serves.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def load(engine, folder: str, metadata: dict) -> None:

@@ -130,7 +130,11 @@ def _grow_job(folder, metadata, plan, out: str, tp: int, pp: int) -> int:
 
 
 def verify_checkpoints(before: str, after: str, tol: float, seed: int) -> int:
-    """Logits of A and B's models (TP=1, PP=1, one process) on one batch; one JSON line; 1 beyond ``tol``."""
+    """Logits of A and B's models (TP=1, PP=1, one process) on one batch; one JSON line; 1 beyond ``tol``.
+
+    When both hold the same model, the weights and Adam moments are compared too (max-abs; 0.0 = bitwise).
+    """
+    from mgrow.growth.verify_job import gather_state
     from mgrow.runtime import init_single_process
     from mgrow.verify import random_tokens
 
@@ -142,15 +146,31 @@ def verify_checkpoints(before: str, after: str, tol: float, seed: int) -> int:
     init_single_process()
     seq = min(min(m.max_sequence_length for _, _, m in checkpoints), checkpoints[0][1]["config"]["train"]["seq_length"])
     tokens = random_tokens(checkpoints[0][2], seed, batch=2, seq=seq)
-    logits, params = [], []
+    same_model = checkpoints[0][2] == checkpoints[1][2]
+    logits, params, states = [], [], []
     for folder, metadata, model in checkpoints:
         engine, _, _ = _restored(folder, metadata, 1, 1)
         logits.append(engine.logits(tokens).float())
         params.append(model.num_parameters())
+        if same_model:
+            states.append(gather_state(engine, model))
         engine.destroy()
     diff = float((logits[1] - logits[0]).abs().max())
     report = {"before": str(checkpoints[0][0]), "after": str(checkpoints[1][0]), "params_before": params[0],
               "params_after": params[1], "max_abs_logit_diff": diff, "max_abs_logit": float(logits[0].abs().max()),
+              "max_abs_weight_diff": _max_diff(states, ("weight",)) if same_model else None,
+              "max_abs_moments_diff": _max_diff(states, ("exp_avg", "exp_avg_sq")) if same_model else None,
               "tol": tol, "ok": diff <= tol}
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
+
+
+def _max_diff(states: list, keys: tuple):
+    """Max-abs difference of two gathered states over ``keys`` (None when a checkpoint has no moments yet)."""
+    worst = 0.0
+    for key in keys:
+        a, b = states[0][key], states[1][key]
+        if a.keys() != b.keys() or not a:
+            return None
+        worst = max([worst] + [float((a[name] - b[name]).abs().max()) for name in a])
+    return worst

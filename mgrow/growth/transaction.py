@@ -19,7 +19,6 @@ evenly, so the grown model computes every old partial sum in the same order.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from mgrow import faults
 from mgrow.errors import ConfigError
 from mgrow.growth.shards import Grid, gather_tp, move_between_stages, source_stage, split_shard_local
 from mgrow.layouts import megatron as layout_table
@@ -34,11 +34,6 @@ from mgrow.layouts.optimizer_state import MOMENTS
 from mgrow.model import build_gpt, global_names
 from mgrow.ops import carry_moment
 from mgrow.plan import Plan, grow_one, load_plan, original_source
-
-# Test hook: "RANK:PHASE:PARAMETER" makes that rank fail while growing that parameter
-# (PHASE: weights | moments); the transaction must then leave every rank as it was.
-FAILURE_ENV = "MGROW_INJECT_GROWTH_FAILURE"
-
 
 class GrowthError(RuntimeError):
     """Growth failed on some rank; raised on every rank, each of which kept its old model and optimizer."""
@@ -145,7 +140,8 @@ class _Mover:
             error = None
             if self.grid.stage in destinations:
                 try:
-                    _fail_point("weights", name)
+                    faults.growth_failure_point("weights", name)
+                    faults.kill_point("growth", name)
                     tensor, tmap = grow_one(self.steps, self.values, name, full)
                     with torch.no_grad():
                         new[name].copy_(self._my_shard(tensor, name, tmap))
@@ -175,7 +171,7 @@ class _Mover:
                 if self.grid.stage not in destinations or error is not None:
                     continue
                 try:
-                    _fail_point("moments", name)
+                    faults.growth_failure_point("moments", name)
                     if tmap is None:
                         _, tmap = grow_one(self.steps, self.values, name, full)  # the index map only
                     grown = carry_moment(tmap, full, power=MOMENTS.index(key) + 1)
@@ -258,9 +254,3 @@ def _dp() -> int:
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_world_size()
-
-
-def _fail_point(phase: str, name: str) -> None:
-    target = os.environ.get(FAILURE_ENV)
-    if target and target == f"{dist.get_rank()}:{phase}:{name}":
-        raise RuntimeError(f"injected failure ({FAILURE_ENV}={target})")

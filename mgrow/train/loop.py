@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mgrow import faults
 from mgrow.data import TokenWindows, ensure_corpus
 from mgrow.model import build_gpt
 from mgrow.runtime import Layout, init_distributed
@@ -106,6 +107,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
             since, length = step - progress.rewarm[0], progress.rewarm[1]
             engine.scale_lr(min(1.0, (since + 1) / length))
             progress.rewarm = progress.rewarm if since + 1 < length else None
+        faults.kill_point("train", step + 1)
         loss = global_mean_loss(engine.train_step(train_batches(step)))
         progress.step = step + 1
         result.losses.append(loss)
