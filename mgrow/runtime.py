@@ -67,11 +67,17 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_s: float = 600)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restart > 0:
-            dist.init_process_group(backend, store=_restart_store(restart, timeout), rank=int(os.environ["RANK"]),
-                                    world_size=world, timeout=timeout)
-        else:
-            dist.init_process_group(backend, timeout=timeout)
+        try:
+            if restart > 0:
+                dist.init_process_group(backend, store=_restart_store(restart, timeout),
+                                        rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
+            else:
+                dist.init_process_group(backend, timeout=timeout)
+        except dist.DistError as error:  # the store at MASTER_ADDR:MASTER_PORT never answered
+            address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            raise ConfigError("MASTER_ADDR", f"no rendezvous with rank 0 at {address} within {timeout_s:g} s "
+                                             f"(is rank 0 running, and is {address} reachable from rank "
+                                             f"{os.environ['RANK']}?): {type(error).__name__}") from None
     cpu_shims.apply()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

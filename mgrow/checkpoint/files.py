@@ -82,6 +82,8 @@ def resolve(path: str) -> Path:
     name = pointer.read_text().strip()
     if not name.startswith("step_") or "/" in name:
         raise CheckpointError(str(pointer), f"must name a step folder (step_NNNNNNNN), holds {name!r}")
+    if not (folder / name).is_dir():
+        raise CheckpointError(str(pointer), f"names {name}, which is not there")
     return folder / name
 
 

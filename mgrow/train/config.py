@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    timeout_minutes: float = 10.0  # rendezvous and collectives (Megatron-LM's --distributed-timeout-minutes)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ def _validate(cfg: TrainConfig) -> None:
             f"must be >= 0 and < the decay steps (optimizer.decay_steps or train.steps = {decay_steps}), "
             f"got {o.warmup_steps}",
         )
+    if not cfg.parallel.timeout_minutes > 0:
+        raise ConfigError("parallel.timeout_minutes", f"must be > 0, got {cfg.parallel.timeout_minutes}")
     if cfg.checkpoint.interval < 0:
         raise ConfigError("checkpoint.interval", f"must be >= 0, got {cfg.checkpoint.interval}")
     stage = (cfg.deepspeed.get("zero_optimization") or {}).get("stage")

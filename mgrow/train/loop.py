@@ -57,7 +57,8 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
     resume = _find_resume(cfg)  # a bad checkpoint is refused here too, on every rank
     if cfg.data.sources:
         ensure_corpus(cfg.data.path, cfg.data.sources)
-    layout = layout or init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    layout = layout or init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
+                                        timeout_s=60 * cfg.parallel.timeout_minutes)
     progress = checkpoint.Progress() if resume is None else resume.progress
     if resume is not None:
         cfg = resume.cfg

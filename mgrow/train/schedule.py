@@ -92,7 +92,8 @@ def _parse_event(where: str, entry: Any) -> GrowthEvent:
     try:
         plan = load_plan(entry["plan"])
     except ConfigError as error:
-        raise ConfigError(f"{where}.plan.{error.field}", error.rule) from None
+        inner = "" if error.field == "plan" else f".{error.field}"  # "plan": the plan as a whole
+        raise ConfigError(f"{where}.plan{inner}", error.rule) from None
     warmup = entry.get("lr_warmup_steps", 0)
     _positive(f"{where}.lr_warmup_steps", warmup, minimum=0)
     state = entry.get("optimizer_state", "keep")

@@ -1,0 +1,180 @@
+"""A catalog of bad inputs (issue 9): plans, model configs, training configs, CLI flags, checkpoints and the
+launcher environment. Each case runs the real command (on two ranks where a job would run on several), and
+asserts the error each rank prints (the field and the rule), that every rank exits within the timeout, and
+that nothing on disk changed. The README's "When things go wrong" table is this catalog.
+"""
+
+import hashlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port
+from launch_utils import REPO, clean_env, write_config
+
+TIMEOUT = 60
+GOOD_PLAN = {"ops": [{"mlp": {"ffn_hidden_size": 96}}]}
+
+
+@dataclass
+class Case:
+    name: str
+    error: str  # the start of the line every rank prints: "<field>: <rule...>"
+    config: dict = field(default_factory=dict)  # sections merged over the tiny test config (launch_utils)
+    argv: tuple = ()  # instead of `train --config <config>`: "{config}", "{tmp}", "{ckpt}" are filled in
+    ranks: int = 2
+    env: dict = field(default_factory=dict)
+    overrides: tuple = ()
+    launcher: bool = True  # rank variables set, as torchrun / the deepspeed launcher would
+
+
+def plan_event(plan):
+    return {"growth": [{"at_step": 2, "plan": plan}]}
+
+
+CASES = [
+    # plans (in a config's growth schedule, or given to grow-checkpoint)
+    Case("plan shrinks", "growth[0].plan.ops[0].mlp.ffn_hidden_size: must be >= 64 (the MLP cannot shrink), got 32",
+         plan_event({"ops": [{"mlp": {"ffn_hidden_size": 32}}]})),
+    Case("plan names an unknown operator", "growth[0].plan.ops[0].widen: unknown operator",
+         plan_event({"ops": [{"widen": {"hidden_size": 64}}]})),
+    Case("plan gives an unknown key", "growth[0].plan.ops[0].mlp.size: unknown key",
+         plan_event({"ops": [{"mlp": {"size": 96}}]})),
+    Case("plan: heads not divisible by groups", "growth[0].plan.ops[0].heads.num_query_groups: num_attention_heads (6) must be divisible by "
+         "num_query_groups (4)",
+         plan_event({"ops": [{"heads": {"num_attention_heads": 6, "num_query_groups": 4}}]})),
+    Case("plan: layer index out of range", "growth[0].plan.ops[0].layers.insert_before: entry 0 (7) must be a layer index in 0..2",
+         plan_event({"ops": [{"layers": {"insert_before": [7]}}]})),
+    Case("plan: replicate by a non-integer ratio", "growth[0].plan.ops[0].hidden.hidden_size: replicate needs an integer multiple of 32, got 48",
+         plan_event({"ops": [{"hidden": {"hidden_size": 48, "method": "replicate"}}]})),
+    Case("plan file missing", "growth[0].plan: plan file /nonexistent/plan.yaml does not exist",
+         plan_event("/nonexistent/plan.yaml")),
+    Case("plan for another model", "--plan {tmp}/other.yaml: ops[0].hidden.hidden_size: must be >= 32 (the hidden width cannot "
+         "shrink), got 16 (checkpoint {ckpt}/step_00000002)",
+         argv=("grow-checkpoint", "--in", "{ckpt}", "--plan", "{tmp}/other.yaml", "--out", "{tmp}/out"),
+         ranks=1, launcher=False),
+    # model configs
+    Case("unknown model key", "model.num_layerz: unknown model key", {"model": {"num_layerz": 2}}),
+    Case("heads not divisible by TP", "model.num_attention_heads: 3 heads must be divisible by tensor parallel size 2",
+         {"parallel": {"tp": 2}, "model": {"num_attention_heads": 3, "num_query_groups": 3, "kv_channels": 8}}),
+    Case("groups incompatible with TP", "model.num_query_groups: 6 query groups and tensor parallel size 4: one must divide the other",
+         {"parallel": {"tp": 4}, "model": {"num_attention_heads": 12, "num_query_groups": 6, "kv_channels": 8}},
+         ranks=4),
+    Case("layers not divisible by PP", "model.num_layers: 3 layers must be divisible by pipeline parallel size 2", {"parallel": {"pp": 2}, "model": {"num_layers": 3}}),
+    Case("vocabulary smaller than the byte corpus", "model.vocab_size: the byte-level corpus needs >= 256 tokens",
+         {"model": {"vocab_size": 128}}),
+    Case("swiglu without a gated unit", "model.gated_linear_unit: activation swiglu needs gated_linear_unit: true",
+         {"model": {"gated_linear_unit": False}}),
+    # training configs
+    Case("unknown section", "trainer: unknown section", {"trainer": {"steps": 3}}),
+    Case("unknown key in a section", "train.stepz: unknown key", overrides=("train.stepz=3",)),
+    Case("global batch not divisible", "train.global_batch_size: 6 must be divisible by micro_batch_size*dp",
+         {"train": {"global_batch_size": 6}}),
+    Case("ZeRO with pipeline parallelism", "parallel.pp: optimizer zero2 (DeepSpeed ZeRO) runs with pp = 1",
+         {"optimizer": {"type": "zero2"}, "parallel": {"pp": 2}}),
+    Case("sequence longer than the model's", "train.seq_length: 64 exceeds model.max_sequence_length 32",
+         {"train": {"seq_length": 64}}),
+    Case("warmup not shorter than the decay", "optimizer.warmup_steps: must be >= 0 and < the decay steps",
+         {"optimizer": {"warmup_steps": 5}}),
+    Case("DeepSpeed stage contradicts the optimizer", "deepspeed.zero_optimization.stage: 3 contradicts",
+         {"optimizer": {"type": "zero2"}, "deepspeed": {"zero_optimization": {"stage": 3}}}),
+    Case("missing data file", "data.path: missing data file /nonexistent/corpus_train.bin",
+         {"data": {"path": "/nonexistent/corpus", "sources": []}}),
+    Case("unknown W&B mode", "wandb.mode: must be one of offline | online | disabled", {"wandb": {"mode": "cloud"}}),
+    Case("negative checkpoint interval", "checkpoint.interval: must be >= 0", {"checkpoint": {"interval": -1}}),
+    # CLI flags
+    Case("config file missing", "--config: config file /nonexistent.yaml does not exist",
+         argv=("train", "--config", "/nonexistent.yaml")),
+    Case("override without '='", "train.steps: an override must look like section.key=value",
+         overrides=("train.steps",)),
+    Case("verify --tp 0", "--tp: must be >= 1, got 0",
+         argv=("verify", "--model", str(REPO / "configs/models/tiny.yaml"), "--plan",
+               str(REPO / "configs/plans/all_ops.yaml"), "--tp", "0"), ranks=1, launcher=False),
+    Case("grow-checkpoint of nothing", "--in: checkpoint {tmp}/none does not exist",
+         argv=("grow-checkpoint", "--in", "{tmp}/none", "--plan", "{tmp}/other.yaml", "--out", "{tmp}/out"),
+         ranks=1, launcher=False),
+    # checkpoints
+    Case("corrupted checkpoint metadata", "{ckpt}/step_00000002/mgrow.json: corrupted (not JSON",
+         {"checkpoint": {"load": "{ckpt}"}}, env={"corrupt": "mgrow.json"}),
+    Case("latest names a missing step", "{ckpt}/latest: names step_00000009, which is not there", {"checkpoint": {"load": "{ckpt}"}},
+         env={"corrupt": "latest"}),
+    Case("checkpoint to load does not exist", "checkpoint.load: /nonexistent/ckpt does not exist",
+         {"checkpoint": {"load": "/nonexistent/ckpt"}}),
+    # launcher environment
+    Case("world size not a multiple of tp*pp", "parallel: tp*pp = 2*1 = 2 must divide the world size 3",
+         {"parallel": {"tp": 2}}, ranks=3),
+    Case("verify: tp*pp*dp is not the world size", "--dp: tp*pp*dp = 4 must equal the launcher's WORLD_SIZE 2",
+         argv=("verify", "--model", str(REPO / "configs/models/tiny.yaml"), "--plan",
+               str(REPO / "configs/plans/all_ops.yaml"), "--tp", "2", "--dp", "2")),
+    Case("unreachable rendezvous", "MASTER_ADDR: no rendezvous with rank 0 at 127.0.0.1:",
+         {"parallel": {"timeout_minutes": 0.05}}, ranks=1, env={"RANK": "1", "WORLD_SIZE": "2"}),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of the tiny test model (one rank, 2 AdamW steps) for the checkpoint cases."""
+    tmp = tmp_path_factory.mktemp("catalog_checkpoint")
+    config = write_config(tmp, train={"steps": 2}, optimizer={"warmup_steps": 1},
+                          checkpoint={"save": str(tmp / "ckpt")})
+    done = subprocess.run([sys.executable, "-m", "mgrow.cli", "train", "--config", str(config), "--nproc", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "ckpt"
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fill(text: str, tmp: Path, ckpt: Path) -> str:
+    return text.replace("{tmp}", str(tmp)).replace("{ckpt}", str(ckpt))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_bad_input_is_refused_with_its_field_on_every_rank(case, tmp_path, checkpoint):
+    ckpt = tmp_path / "ckpt"
+    import shutil
+
+    shutil.copytree(checkpoint, ckpt)
+    if case.env.get("corrupt") == "mgrow.json":
+        (ckpt / "step_00000002" / "mgrow.json").write_text("{ not json")
+    if case.env.get("corrupt") == "latest":
+        (ckpt / "latest").write_text("step_00000009")
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({"ops": [{"hidden": {"hidden_size": 16}}]}))
+    sections = yaml.safe_load(fill(yaml.safe_dump(case.config), tmp_path, ckpt))
+    config = write_config(tmp_path, **{k: v for k, v in sections.items() if k not in ("growth", "trainer")})
+    raw = yaml.safe_load(config.read_text())
+    raw.update({k: v for k, v in sections.items() if k in ("growth", "trainer")})
+    config.write_text(yaml.safe_dump(raw))
+    argv = [fill(a, tmp_path, ckpt) for a in case.argv] or ["train", "--config", str(config), *case.overrides]
+    before = snapshot(tmp_path)
+
+    port = str(free_port())
+    env = {**clean_env(), "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    start = time.monotonic()
+    procs = []
+    for rank in range(case.ranks):
+        rank_env = dict(env)
+        if case.launcher:
+            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks),
+                            LOCAL_WORLD_SIZE=str(case.ranks))
+        rank_env.update({k: v for k, v in case.env.items() if k != "corrupt"})
+        procs.append(subprocess.Popen([sys.executable, "-m", "mgrow.cli", *argv], cwd=REPO, env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    assert time.monotonic() - start < TIMEOUT
+
+    expected = "mgrow: error: " + fill(case.error, tmp_path, ckpt)
+    for rank, (proc, (_, stderr)) in enumerate(zip(procs, outputs)):
+        lines = [line for line in stderr.splitlines() if line.startswith("mgrow: error: ")]
+        assert len(lines) == 1 and lines[0].startswith(expected), f"rank {rank}: {stderr[-2000:]}"
+        assert proc.returncode == 2, (rank, proc.returncode)
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
