@@ -60,22 +60,23 @@ def assert_same_losses(resumed: dict, reference: dict, first_step: int):
     assert worst <= TOL, (worst, resumed, reference)
 
 
+def reference_run(factory, name, optimizer, tp, pp, nproc):
+    tmp = factory.mktemp(name)
+    config = make_config(tmp, optimizer, tp, pp, schedule(), save=str(tmp / "ckpt"), interval=2)
+    result = torchrun(tmp, nproc, config)
+    return tmp, losses(result), events_of(result)
+
+
 @pytest.fixture(scope="module")
 def megatron_run(tmp_path_factory):
     """TP2 x PP2 x DP1, DistributedOptimizer: grows after steps 2 and 5, saves at steps 2, 4, 6, 8 and 9."""
-    tmp = tmp_path_factory.mktemp("megatron_run")
-    config = make_config(tmp, "megatron", 2, 2, schedule(), save=str(tmp / "ckpt"), interval=2)
-    result = torchrun(tmp, 4, config)
-    return tmp, losses(result), events_of(result)
+    return reference_run(tmp_path_factory, "megatron_run", "megatron", 2, 2, 4)
 
 
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory):
     """TP1 x DP2, ZeRO-2: the same schedule, DeepSpeed checkpoints."""
-    tmp = tmp_path_factory.mktemp("zero_run")
-    config = make_config(tmp, "zero2", 1, 1, schedule(), save=str(tmp / "ckpt"), interval=2)
-    result = torchrun(tmp, 2, config)
-    return tmp, losses(result), events_of(result)
+    return reference_run(tmp_path_factory, "zero_run", "zero2", 1, 1, 2)
 
 
 def test_checkpoint_folders_are_complete_and_latest_is_the_last(megatron_run):
