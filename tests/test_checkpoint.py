@@ -19,7 +19,6 @@ import yaml
 from conftest import free_port
 from launch_utils import REPO, clean_env, spawn_ranks, torchrun, write_config
 from mgrow.checkpoint import CheckpointError, files, open_for_resume
-from mgrow.faults import KILL_ENV
 from mgrow.errors import ConfigError
 from mgrow.train import config as train_config
 
@@ -250,22 +249,6 @@ def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(megatron_run, tmp_pa
     assert main(["grow-checkpoint", "--in", str(tmp_path / "nowhere"), "--plan", str(plan), "--out", "x"]) == 2
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in (megatron_run[0] / "ckpt").iterdir()) == before
-
-
-def test_a_rank_killed_mid_save_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
-    """Rank 1 dies by SIGKILL after writing its part of step 4 (mgrow.faults); the job resumes."""
-    config = make_config(tmp_path, "adam", 1, 1, [], steps=4, save=str(tmp_path / "ckpt"), interval=2)
-    monkeypatch.setenv(KILL_ENV, "save:4")
-    killed = torchrun(tmp_path, 2, config)
-    monkeypatch.delenv(KILL_ENV)
-    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
-    root = tmp_path / "ckpt"
-    assert (root / "latest").read_text() == "step_00000002"
-    assert (root / ".tmp.step_00000004").exists() and not (root / "step_00000004").exists()
-    resumed = torchrun(tmp_path, 2, make_config(tmp_path, "adam", 1, 1, [], steps=4, save=str(root),
-                                                  load=str(root), interval=2))
-    assert sorted(losses(resumed)) == [3, 4]
-    assert (root / "latest").read_text() == "step_00000004" and not (root / ".tmp.step_00000004").exists()
 
 
 # ----------------------------------------------------------------------------- megatron-core bugs worked around

@@ -44,7 +44,8 @@ def restartable_job(tmp_path, kill=None, restarts=0, timeout=300):
 def test_a_job_killed_three_ways_restarts_and_ends_bitwise_equal(tmp_path):
     """One torchrun job with --max-restarts=3 whose rank 1 dies on its first three attempts: before step 4's
     update (after growing in memory), in the middle of the growth (moving an MLP weight), and while writing
-    step 4's checkpoint. Each restart resumes from step 2's checkpoint; the fourth attempt finishes."""
+    step 4's checkpoint. Each restart resumes from step 2's checkpoint (so the save cut short never became
+    `latest`, and its temporary folder is cleaned up by the next save); the fourth attempt finishes."""
     kills = ["train:4", "growth:decoder.layers.1.mlp.linear_fc1.weight", "save:4"]
     root, records, done = restartable_job(tmp_path / "killed", kill=",".join(kills), restarts=3)
     reference_root, reference_records, _ = restartable_job(tmp_path / "reference")

@@ -46,6 +46,11 @@ class Progress:
     rewarm: Optional[tuple] = None  # (start step, length) of an LR re-warm in progress
     history: list = field(default_factory=list)  # every growth so far: {step, plan, source: schedule|offline}
 
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "Progress":
+        saved = metadata["progress"]
+        return cls(**{**saved, "rewarm": None if saved["rewarm"] is None else tuple(saved["rewarm"])})
+
 
 @dataclass(frozen=True)
 class Resume:
@@ -110,7 +115,7 @@ def open_for_resume(path: str, cfg) -> Resume:
     folder = files.resolve(path)
     metadata = files.read_metadata(folder)
     where = str(folder / files.METADATA)
-    progress = Progress(**{**metadata["progress"], "rewarm": _tuple(metadata["progress"]["rewarm"])})
+    progress = Progress.from_metadata(metadata)
     if metadata["optimizer"] != cfg.optimizer.type:
         raise CheckpointError("optimizer.type", f"the checkpoint {folder} holds {metadata['optimizer']} optimizer "
                                                 f"state; resume with optimizer.type {metadata['optimizer']}, "
@@ -166,10 +171,6 @@ def load(engine, resume: Resume) -> None:
     if resume.metadata["layout"] == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}:
         _set_rng_state(torch.load(resume.folder / RNG_FILE, weights_only=False)[layout.rank])
     # On another layout the ranks keep the seeded streams they started with (no rank maps to an old one).
-
-
-def _tuple(value):
-    return None if value is None else tuple(value)
 
 
 def _rng_state() -> dict:

@@ -14,7 +14,8 @@ state; the fully_reshardable load copies every Adam state key, ``step``
 included, from a source that leaves ``step`` out; and ``load_state_dict`` gives
 all parameters one shared ``step`` tensor, which AdamW's in-place increment
 then advances once per parameter (the resumed run would bias-correct wrongly).
-tests/test_checkpoint.py fails if any of them is fixed upstream or comes back.
+tests/test_checkpoint.py checks that bugs 1 and 3 are still there, and its
+resume tests fail without any of the three work-arounds.
 """
 
 from __future__ import annotations

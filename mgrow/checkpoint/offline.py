@@ -40,15 +40,14 @@ def training_config(metadata: dict, tp: int, pp: int):
 
 def _restored(folder, metadata, tp: int, pp: int):
     """An engine on the current layout holding the checkpoint's model and optimizer state."""
+    from megatron.core import parallel_state as ps
+
     from mgrow.model import build_gpt
     from mgrow.train.engines import build_engine
 
     cfg = training_config(metadata, tp, pp)
-    progress = Progress(**{**metadata["progress"], "rewarm": None if metadata["progress"]["rewarm"] is None
-                           else tuple(metadata["progress"]["rewarm"])})
+    progress = Progress.from_metadata(metadata)
     resume = Resume(folder, metadata, cfg, progress)
-    from megatron.core import parallel_state as ps
-
     engine = build_engine(build_gpt(cfg.model, seed=cfg.train.seed), cfg, ps.get_data_parallel_world_size())
     load(engine, resume)
     return engine, cfg, progress
