@@ -1,6 +1,6 @@
-"""One rank of a growth test job (run under torchrun by tests/test_growth_*.py).
+"""One rank of a growth test job (tests/test_growth_jobs.py starts it with mgrow's local launcher).
 
-    python growth_worker.py MODE OUT_DIR MODEL_JSON PLAN_JSON OPTIMIZER TP PP
+    growth_worker.main([MODE, OUT_DIR, MODEL_JSON, PLAN_JSON, OPTIMIZER, TP, PP])
 
 MODE ``failure``: train 2 steps, snapshot the state, grow with a failure injected
 (MGROW_INJECT_GROWTH_FAILURE in the environment) or by a plan the layout refuses,
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 
-def main() -> None:
-    mode, out_dir, model_json, plan_json, optimizer, tp, pp = sys.argv[1:8]
+def main(argv: list[str]) -> None:
+    mode, out_dir, model_json, plan_json, optimizer, tp, pp = argv
     from mgrow import rss
     from mgrow.errors import ConfigError
     from mgrow.growth import GrowthError, grow
@@ -124,4 +124,4 @@ def _moment_tensors(state):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:8])

@@ -78,6 +78,18 @@ def torchrun(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout:
     return JobResult(done.returncode, done.stdout, done.stderr, rank_stderr, records)
 
 
+def local_job(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout: float = 240) -> JobResult:
+    """``mgrow train --nproc`` (the local launcher: torch elastic's agent, ranks forked from a preloaded server)."""
+    metrics = tmp_path / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    command = [sys.executable, "-m", "mgrow.cli", "train", "--config", str(config), "--nproc", str(nproc), *overrides]
+    env = {**clean_env(), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return JobResult(done.returncode, done.stdout, done.stderr, {}, records)
+
+
 def spawn_ranks(nproc: int, config: Path, *overrides: str, timeout: float = 120) -> JobResult:
     """``nproc`` ranks of one job as plain processes with the environment torchrun gives its workers.
 

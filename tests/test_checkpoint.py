@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import free_port
-from launch_utils import REPO, clean_env, spawn_ranks, torchrun, write_config
+from launch_utils import REPO, clean_env, local_job, spawn_ranks, write_config
 from mgrow.checkpoint import CheckpointError, files, open_for_resume
 from mgrow.errors import ConfigError
 from mgrow.train import config as train_config
@@ -62,7 +62,7 @@ def assert_same_losses(resumed: dict, reference: dict, first_step: int):
 def reference_run(factory, name, optimizer, tp, pp, nproc):
     tmp = factory.mktemp(name)
     config = make_config(tmp, optimizer, tp, pp, schedule(), save=str(tmp / "ckpt"), interval=2)
-    result = torchrun(tmp, nproc, config)
+    result = local_job(tmp, nproc, config)
     return tmp, losses(result), events_of(result)
 
 
@@ -99,7 +99,7 @@ def test_megatron_checkpoint_resumes_on_other_layouts(megatron_run, tmp_path, tp
     step 5 exactly once, the first is not re-applied, and steps 5-9 give the uninterrupted losses."""
     tmp, reference, _ = megatron_run
     config = make_config(tmp_path, "megatron", tp, pp, schedule(), load=str(tmp / "ckpt" / "step_00000004"))
-    result = torchrun(tmp_path, nproc, config)
+    result = local_job(tmp_path, nproc, config)
     assert_same_losses(losses(result), reference, first_step=5)
     assert events_of(result) == [5]
 
@@ -110,7 +110,7 @@ def test_zero2_checkpoint_resumes_on_other_layouts(zero_run, tmp_path, tp, nproc
     tmp, reference, events = zero_run
     assert events == [2, 5]
     config = make_config(tmp_path, "zero2", tp, 1, schedule(), load=str(tmp / "ckpt" / "step_00000004"))
-    result = torchrun(tmp_path, nproc, config)
+    result = local_job(tmp_path, nproc, config)
     assert_same_losses(losses(result), reference, first_step=5)
     assert events_of(result) == [5]
     assert not any(p.name.startswith(".universal") for p in (tmp / "ckpt").iterdir())  # scratch removed
@@ -120,9 +120,9 @@ def test_zero3_checkpoint_resumes_on_another_layout(tmp_path):
     """ZeRO-3 at DP2 resumed at DP1 through the universal checkpoint: DeepSpeed 0.19.8's ZeRO-3 universal
     load shares one Adam step between sub-groups and gives the no-decay group weight decay; without the
     repair the third resumed loss is off by ~4e-3."""
-    reference = losses(torchrun(tmp_path, 2, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
+    reference = losses(local_job(tmp_path, 2, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
                                                           save=str(tmp_path / "ckpt"), interval=3)))
-    resumed = losses(torchrun(tmp_path, 1, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
+    resumed = losses(local_job(tmp_path, 1, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
                                                         load=str(tmp_path / "ckpt" / "step_00000003"))))
     assert sorted(resumed) == [4, 5, 6]
     assert max(abs(resumed[s] - reference[s]) for s in resumed) <= TOL, (resumed, reference)

@@ -1,6 +1,6 @@
 """Sharded growth in real jobs (issue 4): all-or-nothing on a failure, memory bound, training goes on.
 
-Each test runs tests/growth_worker.py under torchrun; every rank writes its result file.
+Each test runs tests/growth_worker.py as local ranks (mgrow.train.launch); every rank writes its result file.
 """
 
 import json
@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from conftest import free_port
 from launch_utils import REPO, clean_env
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
@@ -22,10 +21,11 @@ EVERY_KIND = {"ops": [{"hidden": {"hidden_size": 48}}, {"heads": {"num_attention
 def run_worker(tmp_path, mode, nproc, model, plan, optimizer, tp, pp, env=None, timeout=300):
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "tests" / "growth_worker.py"), mode, str(out),
-               json.dumps(model), json.dumps(plan), optimizer, str(tp), str(pp)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    argv = [mode, str(out), json.dumps(model), json.dumps(plan), optimizer, str(tp), str(pp)]
+    launch = ("import sys; sys.path.insert(0, 'tests'); import growth_worker; "
+              "from mgrow.train.launch import launch_local; "
+              f"sys.exit(launch_local({nproc}, growth_worker.main, {argv!r}))")
+    done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**clean_env(), "PYTHONWARNINGS": "ignore", **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]

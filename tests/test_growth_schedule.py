@@ -115,9 +115,9 @@ def test_token_trigger_batch_change_and_reset_continue_the_data_stream(tmp_path)
     raw["growth"] = [{"at_tokens": 600, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 96}}]},
                       "optimizer_state": "reset", "global_batch_size": 16}]
     config.write_text(yaml.safe_dump(raw))
-    from launch_utils import torchrun
+    from launch_utils import local_job
 
-    result = torchrun(tmp_path, 2, config)
+    result = local_job(tmp_path, 2, config)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [r for r in result.metrics if "loss" in r]
     (event,) = [r for r in result.metrics if r.get("event") == "growth"]
