@@ -19,8 +19,9 @@ Three calls are not module-level and get scoped wrappers instead:
 * ``tensor_parallel.random._get/_set_cuda_rng_state`` -> CPU RNG state
   (CudaRNGStatesTracker.fork, used by dropout);
 * ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors, but only
-  while ``DistributedOptimizer.__init__`` and ``clip_grad_by_total_norm_fp32``
-  run (they assert ``param.type() == 'torch.cuda.FloatTensor'``);
+  while ``DistributedOptimizer.__init__``, ``Float16OptimizerWithFloat16Params.__init__``
+  (bf16) and ``clip_grad_by_total_norm_fp32`` run (they assert
+  ``param.type() == 'torch.cuda.FloatTensor'`` or ``'torch.cuda.BFloat16Tensor'``);
 * ``Tensor.cuda()`` is the identity while the DistributedOptimizer gathers its
   parameter state (``get_parameter_state_dp_zero``, distrib_optimizer.py:1089,
   used by the ``fully_reshardable`` checkpoint format) and while the tied
@@ -185,6 +186,9 @@ def apply() -> bool:
     )
     # optimizer.py imported the function by name before we wrapped it.
     from megatron.core.optimizer import optimizer as mc_optimizer
+
+    Float16Optimizer = mc_optimizer.Float16OptimizerWithFloat16Params
+    Float16Optimizer.__init__ = _scoped(Float16Optimizer.__init__, _cuda_type_names)
 
     mc_optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
     from megatron.core.models.common.language_module.language_module import LanguageModule

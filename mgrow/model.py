@@ -35,6 +35,8 @@ def build_gpt(cfg: ModelConfig, seed: int = 1234, init: Optional[dict] = None, i
         post_process=ps.is_pipeline_last_stage(),
         **cfg.gpt_model_kwargs(),
     )
+    if cfg.bf16:
+        model.bfloat16()  # params_dtype reaches the linear layers only; megatron's Float16Module casts the norms too
     if initialize:
         load_full_tensors(model, cfg, init if init is not None else _CanonicalInit(cfg, seed))
     return model

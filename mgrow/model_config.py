@@ -44,6 +44,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    bf16: bool = False  # bf16 parameters and activations; the optimizers keep fp32 master weights
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -87,6 +88,8 @@ class ModelConfig:
                     "model.rotary_percent",
                     f"kv_channels * rotary_percent = {rotary_dim:g} must be an even integer",
                 )
+        if not isinstance(self.bf16, bool):
+            raise ConfigError("model.bf16", f"must be true or false, got {self.bf16!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", "must be in [0, 1)")
@@ -109,6 +112,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------- derived sizes
+    @property
+    def dtype(self):
+        """The dtype of the model's parameters (the optimizers' master weights are fp32 either way)."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
@@ -186,7 +196,9 @@ class ModelConfig:
             attention_dropout=self.attention_dropout,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            pipeline_dtype=torch.float32,
+            bf16=self.bf16,
+            params_dtype=self.dtype,
+            pipeline_dtype=self.dtype,
             use_cpu_initialization=True,
             # Fused kernels need CUDA / Apex; the unfused paths are the reference math.
             bias_activation_fusion=False,

@@ -41,6 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (sharded check)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (sharded check)")
     parser.add_argument("--dp", type=int, default=1, help="data parallel size (sharded check)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 model with fp32 master weights (sharded check; sets the model's bf16 key)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="optimizer path of the sharded check (default adam); without it and at "
                              "tp = pp = dp = 1 the reference operators are checked alone")
@@ -57,8 +59,10 @@ def run(args) -> int:
         if not getattr(args, flag):
             raise ConfigError(f"--{flag}", "required (or compare two checkpoints with --before A --after B)")
     cfg = load_model_config(args.model)
+    if args.bf16:
+        cfg = cfg.replace(bf16=True)
     plans = [load_plan(path) for path in args.plan]
-    sharded = args.optimizer is not None or (args.tp, args.pp, args.dp) != (1, 1, 1)
+    sharded = args.optimizer is not None or (args.tp, args.pp, args.dp) != (1, 1, 1) or cfg.bf16
     for plan in plans:
         plan.validate(cfg)  # refuse an impossible plan before starting megatron, on every rank
     if sharded:
@@ -97,6 +101,8 @@ def _run_sharded(args, cfg: ModelConfig, plans: list[Plan]) -> int:
     if not under_launcher():
         argv = ["verify", "--model", args.model, "--tol", str(args.tol), "--seed", str(args.seed),
                 "--tp", str(args.tp), "--pp", str(args.pp), "--dp", str(args.dp), "--optimizer", optimizer]
+        if args.bf16:
+            argv.append("--bf16")
         for path in args.plan:
             argv += ["--plan", path]
         return spawn_local(world, argv)

@@ -78,6 +78,8 @@ CASES = [
          {"optimizer": {"warmup_steps": 5}}),
     Case("DeepSpeed stage contradicts the optimizer", "deepspeed.zero_optimization.stage: 3 contradicts",
          {"optimizer": {"type": "zero2"}, "deepspeed": {"zero_optimization": {"stage": 3}}}),
+    Case("DeepSpeed precision contradicts the model", "deepspeed.bf16.enabled: True contradicts model.bf16 False",
+         {"optimizer": {"type": "zero2"}, "deepspeed": {"bf16": {"enabled": True}}}),
     Case("missing data file", "data.path: missing data file /nonexistent/corpus_train.bin",
          {"data": {"path": "/nonexistent/corpus", "sources": []}}),
     Case("unknown W&B mode", "wandb.mode: must be one of offline | online | disabled", {"wandb": {"mode": "cloud"}}),

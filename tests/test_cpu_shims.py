@@ -19,9 +19,11 @@ def test_each_patched_module_still_hard_codes_cuda(module_name, cuda_call):
 def test_scoped_wrappers_still_guard_cuda_only_code():
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     DistOpt = distrib_optimizer.DistributedOptimizer
     assert "'torch.cuda.FloatTensor'" in inspect.getsource(DistOpt._build_model_and_main_param_groups)
+    assert "'torch.cuda.BFloat16Tensor'" in inspect.getsource(Float16OptimizerWithFloat16Params.__init__)
     assert "send_tensor.cuda()" in inspect.getsource(DistOpt.get_parameter_state_dp_zero)
     assert "'torch.cuda.FloatTensor'" in inspect.getsource(clip_grads.clip_grad_by_total_norm_fp32)
     assert "weight.data.cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer)
@@ -30,11 +32,13 @@ def test_scoped_wrappers_still_guard_cuda_only_code():
 def test_shims_are_applied_only_without_cuda(single_rank, monkeypatch):
     import megatron.core.utils as mc_utils
     from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     assert cpu_shims.needed() and cpu_shims.apply()
     assert mc_utils.torch.cuda.current_device() == "cpu"
     assert mc_utils.torch.zeros(2, device="cuda").device.type == "cpu"
     assert distrib_optimizer.DistributedOptimizer.__init__.__mgrow_shim__
+    assert Float16OptimizerWithFloat16Params.__init__.__mgrow_shim__
     # torch itself is untouched outside the patched modules.
     assert torch.zeros is not mc_utils.torch.zeros
     assert torch.Tensor.type(torch.zeros(1)) == "torch.FloatTensor"

@@ -6,6 +6,11 @@ logits before vs after <= 1e-5; gathered grown weights and Adam moments equal
 the reference operators' (after the documented shard-local permutation)
 exactly; one more step leaves the old slice within 1e-6 of the same step on
 the ungrown model, for every plan that does not rescale old weights.
+
+The bf16 runs (issue 10) check the same on the fp32 masters, plus: every bf16
+parameter is the bf16 rounding of its grown master, bit for bit; logits agree
+within the derived bf16 tolerance (verify_job.bf16_logit_tol) where a plan
+rescales old weights, and bit for bit where it does not.
 """
 
 import json
@@ -46,14 +51,24 @@ RUNS = [  # (optimizer, tp, pp, dp, model, plans); DeepSpeed at pp = 1
     ("zero1", 2, 1, 2, MODEL_C, [NO_RESCALE, REPLICATE]),
     ("zero2", 1, 1, 2, MODEL_B, [NEW_GROUPS, EVERY_OP]),
     ("zero3", 2, 1, 2, MODEL_A, [NEW_GROUPS, EVERY_OP]),
+    # sizes that 3 ranks do not divide: DeepSpeed 0.19.8's own ZeRO-3 setter fails on the last rank's padding
+    ("zero3", 1, 1, 3, MODEL_A, [NEW_GROUPS]),
 ]
 
 
-def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, env=None):
+BF16_RUNS = [  # the acceptance layouts of issue 10, and the third optimizer path
+    ("megatron", 2, 2, 2, MODEL_C, [NO_RESCALE, EVERY_OP]),
+    ("zero2", 2, 1, 2, MODEL_B, [NEW_GROUPS, EVERY_OP]),
+    ("adam", 1, 2, 1, MODEL_A, [NEW_GROUPS, REPLICATE]),
+    ("zero3", 1, 1, 2, MODEL_C, [NO_RESCALE]),
+]
+
+
+def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, env=None, bf16=False):
     model_path = tmp_path / "model.yaml"
     model_path.write_text(yaml.safe_dump(model))
     command = [sys.executable, "-m", "mgrow.cli", "verify", "--model", str(model_path),
-               "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--optimizer", optimizer]
+               "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--optimizer", optimizer, *(["--bf16"] * bf16)]
     for index, plan in enumerate(plans):
         path = tmp_path / f"plan{index}.yaml"
         path.write_text(yaml.safe_dump(plan))
@@ -66,16 +81,38 @@ def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, env=None):
 @pytest.mark.parametrize("optimizer, tp, pp, dp, model, plans", RUNS,
                          ids=[f"{r[0]}-tp{r[1]}-pp{r[2]}-dp{r[3]}" for r in RUNS])
 def test_growth_invariants(tmp_path, optimizer, tp, pp, dp, model, plans):
-    done, reports = run_verify(tmp_path, optimizer, tp, pp, dp, model, plans)
+    check_invariants(tmp_path, optimizer, tp, pp, dp, model, plans, bf16=False)
+
+
+@pytest.mark.parametrize("optimizer, tp, pp, dp, model, plans", BF16_RUNS,
+                         ids=[f"{r[0]}-tp{r[1]}-pp{r[2]}-dp{r[3]}" for r in BF16_RUNS])
+def test_bf16_growth_acts_on_the_fp32_masters(tmp_path, optimizer, tp, pp, dp, model, plans):
+    check_invariants(tmp_path, optimizer, tp, pp, dp, model, plans, bf16=True)
+
+
+def bf16_logit_tol(max_abs_logit, num_layers):
+    """verify_job's formula, restated: (2 N + 3) bf16 roundings of relative 2^-8 at the logits' scale."""
+    return (2 * num_layers + 3) * 2.0**-8 * max_abs_logit
+
+
+def check_invariants(tmp_path, optimizer, tp, pp, dp, model, plans, bf16):
+    done, reports = run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, bf16=bf16)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(reports) == len(plans)
     for plan, report in zip(plans, reports):
         assert report["layout"] == {"tp": tp, "pp": pp, "dp": dp, "optimizer": optimizer}
+        assert report["bf16"] is bf16
         assert report["params_after"] > report["params_before"]
-        assert report["max_abs_logit_diff"] <= 1e-5, report
-        assert report["max_abs_vs_reference"] == 0.0, report
+        rescaling = plan is EVERY_OP or plan is REPLICATE  # hidden growth rescales norm gains / readers
+        if bf16 and rescaling:  # both plans end at 4 layers
+            assert report["max_abs_logit_diff"] <= bf16_logit_tol(report["max_abs_logit"], 4), report
+        else:
+            assert report["max_abs_logit_diff"] <= 1e-5, report
+        assert report["max_abs_vs_reference"] == 0.0, report  # the masters, bit for bit
+        assert report["masters_finer_than_bf16"], report  # ... which a grown-then-upcast bf16 copy would not be
         assert report["max_abs_moments_vs_reference"] == 0.0, report
-        if plan is EVERY_OP or plan is REPLICATE:  # hidden growth rescales norm gains / readers
+        assert report["max_abs_params_vs_masters"] == 0.0, report  # bf16: the masters' rounding, bit for bit
+        if rescaling:
             assert report["max_abs_step_equivalence"] is None, report
         else:
             assert report["max_abs_step_equivalence"] is not None and report["max_abs_step_equivalence"] <= 1e-6, report

@@ -1,9 +1,9 @@
 """``grow``: grow a running job's model and optimizer state in memory, on every rank, all or nothing.
 
 validate -> build the grown stage -> move weights (one full parameter at a
-time) -> build the engine around it -> move Adam moments -> carry the LR
-schedule -> hand back. The old engine is not touched until every rank has
-succeeded: a failure on any rank (an exception in its local work) is agreed on
+time) -> build the engine around it -> (bf16: set its fp32 masters) -> move
+Adam moments -> carry the LR schedule -> hand back. The old engine is not
+touched until every rank has succeeded: a failure on any rank (an exception in its local work) is agreed on
 after every parameter, raised on every rank as :class:`GrowthError`, and every
 rank keeps its old model and optimizer bit for bit.
 
@@ -14,6 +14,11 @@ owning stage if layers moved, and the owners run the reference operators on it
 documented permutation (:func:`mgrow.growth.shards.shard_local`): old MLP units
 and query groups stay on the TP rank that held them, new ones are dealt out
 evenly, so the grown model computes every old partial sum in the same order.
+
+In bf16 the full parameter read is the optimizer's fp32 master, and growth runs
+on it in fp32; the new optimizer's masters are set to the grown fp32 shards and
+the bf16 parameters to their rounding (the new optimizer alone would have made
+its masters from the bf16 parameters, losing the masters' low bits).
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
         mover.weights(engine, new_model)
         rng_state.restore()  # building consumed random numbers; training continues on the same stream
         new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, _dp()))
+        if grown.bf16:
+            agree.run("fp32 masters", lambda: mover.set_masters(new_engine))
         if optimizer_state == "keep":
             mover.moments(engine, new_engine)
         _carry_schedule(engine, new_engine)
@@ -108,6 +115,7 @@ class _Mover:
         self.old_cfg, self.new_cfg = old_cfg, steps[-1].grown
         self.old_shapes = layout_table.parameter_shapes(old_cfg)
         self.new_shapes = layout_table.parameter_shapes(self.new_cfg)
+        self.masters: dict[str, torch.Tensor] = {}  # bf16: this rank's grown fp32 shards, until set_masters
 
     def _route(self, name: str):
         """(old source name or None, old holders, new holders) of grown parameter ``name``."""
@@ -143,11 +151,22 @@ class _Mover:
                     faults.growth_failure_point("weights", name)
                     faults.kill_point("growth", name)
                     tensor, tmap = grow_one(self.steps, self.values, name, full)
+                    shard = self._my_shard(tensor, name, tmap)
                     with torch.no_grad():
-                        new[name].copy_(self._my_shard(tensor, name, tmap))
+                        new[name].copy_(shard)
+                    if self.new_cfg.bf16:
+                        self.masters[name] = shard.clone()
                 except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
                     error = caught
             self.agree.check(error, f"weights of {name}")
+
+    def set_masters(self, new_engine) -> None:
+        """The new optimizer's fp32 masters from the grown fp32 shards (and the bf16 parameters from them)."""
+        state = new_engine.optimizer_state()
+        new = _by_global_name(new_engine.module)
+        for name in self.new_shapes:
+            if name in self.masters:
+                state.set_master(new[name], self.masters.pop(name))
 
     def moments(self, engine, new_engine) -> None:
         """Adam moments, one moment of one parameter at a time (m and v follow the weight's index map)."""

@@ -2,10 +2,15 @@
 
 For each plan, against the engine trained for two steps:
 
-* ``max_abs_logit_diff``: logits on one batch before vs after growth;
+* ``max_abs_logit_diff``: logits on one batch before vs after growth, within
+  ``logit_tol`` (``--tol``; in bf16, for plans that rescale old weights,
+  :func:`bf16_logit_tol` of ``max_abs_logit``, the largest logit before);
 * ``max_abs_vs_reference`` / ``max_abs_moments_vs_reference``: the gathered grown
-  weights / Adam moments vs the reference operators (and their index maps) on
-  the gathered original (the mover keeps megatron's order: no permutation);
+  fp32 weights (the masters in bf16) / Adam moments vs the reference operators
+  (and their index maps) on the gathered original (the mover keeps megatron's
+  order: no permutation);
+* ``max_abs_params_vs_masters``: the model's parameters vs their masters
+  (in bf16, vs the masters' bf16 rounding): 0 bit for bit;
 * ``max_abs_step_equivalence``: one more step on the grown and on the old
   engine with the same batch, old slice vs old model (null for plans that
   rescale old weights or change epsilon: their gradients move);
@@ -37,6 +42,21 @@ STEP_TOL = 1e-6
 # 1e-4 at lr 1e-3, eps 1e-8; 1.5e-6 at lr 1e-3, eps 1e-6). The check therefore steps with lr 1e-4 and
 # eps 1e-6: 1e-6 is 1% of the largest Adam step, and a wrongly carried moment moves a step by ~lr.
 ADAM_LR, ADAM_EPS = 1e-4, 1e-6
+BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits
+
+
+def bf16_logit_tol(max_abs_logit: float, num_layers: int) -> float:
+    """How far bf16 logits may move when growth rescales old weights (hidden width, head dim, epsilon).
+
+    The grown model's bf16 parameters are the roundings of the grown fp32 masters, so a rescaled
+    weight differs from the rescaled old bf16 weight by one rounding, relative u = 2^-8. First-order,
+    each of the bf16 values written along the residual path (embedding, then the attention and MLP
+    outputs of each of the ``num_layers`` layers, the final norm, the output layer) then moves the
+    logits by at most u times their scale: tol = (2 * num_layers + 3) * u * max|logit|.
+    Plans that rescale nothing leave every old bf16 parameter bit for bit and add exact zeros: their
+    logits are checked against the fp32 tolerance instead.
+    """
+    return (2 * num_layers + 3) * BF16_UNIT_ROUNDOFF * max_abs_logit
 
 
 def train_config(model: ModelConfig, tp: int, pp: int, optimizer: str, dp: int, seq_length: int):
@@ -72,17 +92,21 @@ class RandomBatches:
 
 
 def gather_state(engine, cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """{"weight"|"exp_avg"|"exp_avg_sq": {global name: full tensor}} on every rank (checking only)."""
+    """{"weight"|"param"|"exp_avg"|"exp_avg_sq": {global name: full tensor}} on every rank (checking only).
+
+    "weight" is the fp32 master, "param" the model's own parameter (bf16 in a bf16 model).
+    """
     grid = Grid()
     params = {name: p for _, name, p in global_names(engine.module)}
     state = engine.optimizer_state()
     has_moments = _any_rank(state.step() is not None)
-    local = {"weight": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    local = {"weight": {}, "param": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name in layout_table.parameter_shapes(cfg):
         if grid.stage not in layout_table.stages_of(name, cfg, grid.pp):
             continue
         layout = layout_table.layout_of(name, cfg.gated_linear_unit)
         local["weight"][name] = gather_tp(state.master(params[name]), layout, grid)
+        local["param"][name] = gather_tp(_model_value(params[name]), layout, grid)
         if has_moments:
             for key in MOMENTS:
                 local[key][name] = gather_tp(state.moment(params[name], key), layout, grid)
@@ -95,6 +119,15 @@ def gather_state(engine, cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]
         for key in merged:
             merged[key].update(stage[key])
     return merged
+
+
+def _model_value(param) -> torch.Tensor:
+    if hasattr(param, "ds_tensor"):  # ZeRO-3 keeps a partition; gathered over DP for the check
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    return param.detach()
 
 
 def rescales(result, cfg: ModelConfig) -> bool:
@@ -120,6 +153,7 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
         engine.train_step(batches(step))
     original = gather_state(engine, model)
     check_tokens = random_tokens(model, seed, batch=2, seq=cfg.train.seq_length)
+    max_abs_logit = _max_abs_logit(engine.logits(check_tokens))
 
     reports, stepped = [], []
     for plan in plans:
@@ -138,14 +172,24 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
                                             original["exp_avg_sq"][tmap.old_name])
             moments_diff = max(moments_diff, _max_abs(grown["exp_avg"][name], local(name, m)),
                                _max_abs(grown["exp_avg_sq"][name], local(name, v)))
+        logit_tol = tol
+        if model.bf16 and rescales(reference, model):
+            logit_tol = max(tol, bf16_logit_tol(max_abs_logit, grown_cfg.model.num_layers))
         reports.append({
             "plan": plan.to_dict(),
             "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "optimizer": optimizer},
+            "bf16": model.bf16,
             "params_before": report.params_before,
             "params_after": report.params_after,
             "max_abs_logit_diff": report.max_abs_logit_diff,
+            "max_abs_logit": max_abs_logit,
+            "logit_tol": logit_tol,
             "max_abs_vs_reference": max(_max_abs(grown["weight"][n], local(n, t)) for n, t in reference.state.items()),
             "max_abs_moments_vs_reference": moments_diff,
+            # the masters hold bits a bf16 copy would lose (else the bitwise master check proves nothing)
+            "masters_finer_than_bf16": any(bool((w != w.bfloat16().float()).any()) for w in original["weight"].values()),
+            "max_abs_params_vs_masters": max(
+                _max_abs(grown["param"][n].float(), grown["weight"][n].to(model.dtype).float()) for n in grown["weight"]),
             "max_abs_step_equivalence": None,
             "growth_seconds": _max_over_ranks(report.growth_seconds),
             "peak_rss_growth_bytes": int(_max_over_ranks(max(0, growth_rss))),
@@ -165,9 +209,10 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
     for entry in reports:
         entry["peak_rss_bytes"] = peak
         entry["ok"] = bool(
-            entry["max_abs_logit_diff"] <= tol
+            entry["max_abs_logit_diff"] <= entry["logit_tol"]
             and entry["max_abs_vs_reference"] == 0.0
             and entry["max_abs_moments_vs_reference"] == 0.0
+            and entry["max_abs_params_vs_masters"] == 0.0
             and (entry["max_abs_step_equivalence"] is None or entry["max_abs_step_equivalence"] <= STEP_TOL)
         )
         ok &= entry["ok"]
@@ -205,6 +250,10 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         return float("inf")
     return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def _max_abs_logit(logits) -> float:
+    return _max_over_ranks(0.0 if logits is None else float(logits.float().abs().max()))
 
 
 def _max_over_ranks(value: float) -> float:

@@ -1,22 +1,26 @@
 """Where each optimizer path keeps a parameter's fp32 master weight and Adam moments.
 
 One adapter per path, one question each: give me this TP rank's whole shard of
-parameter P's master, or of one Adam moment (exp_avg or exp_avg_sq, assembled
-over the DP ranks that split it), or store such a shard back so that every DP
-rank keeps its part.
+parameter P's fp32 master, or of one Adam moment (exp_avg or exp_avg_sq,
+assembled over the DP ranks that split it), or store such a shard back so that
+every DP rank keeps its part. Storing a master also sets the model parameter to
+it: in bf16, to its rounding (never the other way round: a master rebuilt from
+the bf16 parameter has lost its low bits).
 The growth mover asks these and nothing else, so it never sees a flat buffer.
 
-* ``TorchAdamState``: torch AdamW under Megatron DDP (megatron's FP32Optimizer);
-  every DP rank holds everything, state keyed by the model parameter.
+* ``TorchAdamState``: torch AdamW under Megatron DDP (megatron's FP32Optimizer,
+  or in bf16 Float16OptimizerWithFloat16Params, whose fp32 master of P is
+  ``P.main_param``, optimizer.py:674-683); every DP rank holds everything,
+  state keyed by the master.
 * ``DistributedOptimizerState``: Megatron's DistributedOptimizer; each DP rank
   owns a contiguous range of every bucket, so of each parameter a range
-  ``param_range`` (distrib_optimizer.py:112-171) kept as a 1-D main parameter.
+  ``param_range`` (distrib_optimizer.py:112-171) kept as a 1-D main parameter
+  (a view of the fp32 model parameter, or in bf16 an fp32 copy, l.395-411).
 * ``ZeroState``: DeepSpeed ZeRO 1/2/3 through DeepSpeed's own
   ``safe_get/set_full_*`` (utils/tensor_fragment.py:135-206).
 
 All reads are collective over the DP group: every DP rank calls them for the
-same parameters in the same order. Models are fp32 here; with bf16 (issue 10)
-the master comes from the optimizer instead of the model parameter.
+same parameters in the same order. Writes are local: each rank stores its part.
 """
 
 from __future__ import annotations
@@ -48,11 +52,24 @@ class TorchAdamState:
     def __init__(self, inner: torch.optim.Optimizer):
         self.inner = inner
 
+    @staticmethod
+    def _main(param) -> torch.Tensor:
+        """The fp32 tensor Adam steps for ``param``: the parameter itself, or its bf16 master."""
+        main = getattr(param, "main_param", None)
+        return param if main is None else main
+
     def master(self, param) -> torch.Tensor:
-        return param.detach()
+        return self._main(param).detach()
+
+    def set_master(self, param, value: torch.Tensor) -> None:
+        main = self._main(param)
+        with torch.no_grad():
+            main.copy_(value)
+            if main is not param:
+                param.copy_(value)
 
     def moment(self, param, key: str) -> torch.Tensor:
-        return self.inner.state[param][key]
+        return self.inner.state[self._main(param)][key]
 
     def step(self) -> Optional[torch.Tensor]:
         return _first_step(self.inner)
@@ -63,11 +80,11 @@ class TorchAdamState:
                 _adam_state(self.inner, param, step, param)
 
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
-        self.inner.state[param][key].copy_(value)
+        self.inner.state[self._main(param)][key].copy_(value)
 
 
 class DistributedOptimizerState(TorchAdamState):
-    """Megatron DistributedOptimizer (fp32 model: the main parameter is a view of the model parameter).
+    """Megatron DistributedOptimizer: this DP rank's range of each parameter, as a 1-D main parameter.
 
     Adam's own state (step, init) is the inner torch optimizer's, keyed by the 1-D main parameters.
     """
@@ -85,16 +102,31 @@ class DistributedOptimizerState(TorchAdamState):
         main = self.inner.param_groups[group_index]["params"][order]
         return main, self.optimizer._get_model_param_range_map(param)["param"]
 
-    # master: the model parameter, all-gathered into every DP rank's buffer after each step
-
-    def moment(self, param, key: str) -> torch.Tensor:
+    def _assembled(self, param, piece) -> torch.Tensor:
+        """The full tensor of ``piece(main)`` over the DP ranks that own ranges of ``param``."""
         full = torch.zeros(param.numel(), dtype=torch.float32)
         owned = self._main(param)
         if owned is not None:
             main, span = owned
-            full[span.start : span.end] = self.inner.state[main][key]
+            full[span.start : span.end] = piece(main)
         dist.all_reduce(full, group=self.group)  # ranges do not overlap: the sum assembles them
         return full.view(param.shape)
+
+    def master(self, param) -> torch.Tensor:
+        if param.dtype == torch.float32:  # the model parameter is the master, all-gathered after each step
+            return param.detach()
+        return self._assembled(param, lambda main: main.detach())
+
+    def set_master(self, param, value: torch.Tensor) -> None:
+        owned = self._main(param)
+        with torch.no_grad():
+            if owned is not None:
+                main, span = owned
+                main.copy_(value.reshape(-1)[span.start : span.end])
+            param.copy_(value)  # on every DP rank: what the all-gather after a step would bring
+
+    def moment(self, param, key: str) -> torch.Tensor:
+        return self._assembled(param, lambda main: self.inner.state[main][key])
 
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         owned = self._main(param)
@@ -112,13 +144,15 @@ class ZeroState:
         self._link_moments()
 
     def _flats(self) -> list:
-        """The flat fp32 partitions Adam steps: one per param group (1/2) or per sub-group (3).
+        """The flat fp32 partitions Adam steps: one per param group (1/2, bf16 1) or per sub-group (3).
 
         Stage 3 leaves only the last sub-group in the inner optimizer's param_groups between steps
         (stage3.py:1252), so its list comes from the ZeRO optimizer, not from the inner optimizer.
         """
-        flats = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
-        return list(flats if flats is not None else self.optimizer.fp32_partitioned_groups_flat)
+        for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
+            if hasattr(self.optimizer, name):
+                return list(getattr(self.optimizer, name))
+        raise NotImplementedError(f"no flat fp32 partitions found on {type(self.optimizer).__name__}")
 
     def _link_moments(self) -> None:
         """Point every parameter's fragment at the current Adam state (stages 1 and 2).
@@ -137,6 +171,17 @@ class ZeroState:
 
         return safe_get_full_fp32_param(param)
 
+    def set_master(self, param, value: torch.Tensor) -> None:
+        """The fp32 partition, then the low-precision parameter (DeepSpeed's setter leaves it alone)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if hasattr(param, "ds_tensor"):
+            self._set_stage3(param, value, None)
+            return
+        safe_set_full_fp32_param(param, value)
+        with torch.no_grad():
+            param.copy_(value)  # stages 1 and 2 keep the whole parameter on every DP rank
+
     def moment(self, param, key: str) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -153,7 +198,29 @@ class ZeroState:
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        if hasattr(param, "ds_tensor"):
+            self._set_stage3(param, value, key)
+            return
         safe_set_full_optimizer_state(param, value, key)
+
+    def _set_stage3(self, param, value: torch.Tensor, key: Optional[str]) -> None:
+        """This rank's ZeRO-3 partition of the master (key None, and the parameter's own partition) or a moment.
+
+        DeepSpeed 0.19.8's ``set_full_hp_param`` narrows the unpadded value to the
+        last rank's padded partition (stage3.py:3194-3199), which fails whenever the
+        parameter's size is not a multiple of the DP size; the value is padded here.
+        """
+        zero = self.optimizer
+        partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+        size = partition.numel()
+        ranks = dist.get_world_size(group=zero.dp_process_group)
+        padded = torch.zeros(size * ranks, dtype=torch.float32)
+        padded[: value.numel()] = value.reshape(-1)
+        start = zero._get_param_partition_rank(param) * size
+        with torch.no_grad():
+            partition.copy_(padded[start : start + size])
+            if key is None:
+                param.ds_tensor.copy_(padded[start : start + size])
 
 
 def for_megatron(optimizer):

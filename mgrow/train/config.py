@@ -187,6 +187,11 @@ def _validate(cfg: TrainConfig) -> None:
     if stage is not None and stage != o.zero_stage:
         raise ConfigError("deepspeed.zero_optimization.stage",
                           f"{stage} contradicts optimizer.type {o.type} (zero1|zero2|zero3 choose the stage)")
+    for key, wanted in (("bf16", cfg.model.bf16), ("fp16", False)):
+        enabled = (cfg.deepspeed.get(key) or {}).get("enabled")
+        if enabled is not None and enabled != wanted:
+            raise ConfigError(f"deepspeed.{key}.enabled",
+                              f"{enabled} contradicts model.bf16 {cfg.model.bf16} (model.bf16 chooses the precision)")
     if cfg.model.vocab_size < 256:
         raise ConfigError("model.vocab_size", f"the byte-level corpus needs >= 256 tokens, got {cfg.model.vocab_size}")
     cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.pp)

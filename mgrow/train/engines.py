@@ -94,6 +94,8 @@ class MegatronEngine:
                 adam_eps=o.eps,
                 clip_grad=o.clip_grad,
                 use_distributed_optimizer=distributed,
+                bf16=cfg.model.bf16,  # fp32 main params: Float16OptimizerWithFloat16Params / DistributedOptimizer
+                params_dtype=cfg.model.dtype,
             ),
             [self.ddp],
         )
@@ -171,6 +173,7 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "zero_optimization": {"stage": o.zero_stage},
         "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.model.bf16},
         "gradient_clipping": o.clip_grad,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
