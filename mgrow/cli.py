@@ -1,4 +1,8 @@
-"""`mgrow` command line: train, verify, grow-checkpoint, plot, data."""
+"""`mgrow` command line: train, verify, grow-checkpoint, plot, data.
+
+The parser imports nothing heavy: a bad flag or config is refused on every rank
+before torch, megatron-core or DeepSpeed is loaded.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,37 @@ import argparse
 import sys
 
 from mgrow.errors import ConfigError
+
+DEFAULT_TOL = 1e-5  # max-abs logit difference of fp32 growth
+
+
+def _verify_arguments(parser) -> None:
+    from mgrow.train.config import OPTIMIZERS
+
+    parser.add_argument("--model", help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
+    parser.add_argument("--plan", action="append",
+                        help="growth plan YAML (e.g. configs/plans/all_ops.yaml); repeat to check several")
+    parser.add_argument("--before", help="checkpoint A: compare its logits with --after's instead of growing a model")
+    parser.add_argument("--after", help="checkpoint B (e.g. made from A by mgrow grow-checkpoint)")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="largest max-abs logit difference accepted")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random model and tokens")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (sharded check)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (sharded check)")
+    parser.add_argument("--dp", type=int, default=1, help="data parallel size (sharded check)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 model with fp32 master weights (sharded check; sets the model's bf16 key)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="optimizer path of the sharded check (default adam); without it and at "
+                             "tp = pp = dp = 1 the reference operators are checked alone")
+
+
+def _grow_checkpoint_arguments(parser) -> None:
+    parser.add_argument("--in", dest="source", required=True, help="checkpoint to grow (a root or a step folder)")
+    parser.add_argument("--plan", required=True, help="growth plan YAML")
+    parser.add_argument("--out", required=True, help="checkpoint root to write the grown checkpoint into")
+    for flag in ("tp", "pp", "dp"):
+        parser.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the job that grows it "
+                                                                      "(default: the checkpoint's)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,15 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=None, help="local ranks to start when not under a launcher")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.steps=20")
 
-    verify = sub.add_parser("verify", help="grow a random model by a plan and check function preservation")
-    from mgrow import verify as verify_cmd
-
-    verify_cmd.add_arguments(verify)
-
-    grow_checkpoint = sub.add_parser("grow-checkpoint", help="grow a saved checkpoint (weights and optimizer state)")
-    from mgrow.checkpoint import offline
-
-    offline.add_grow_arguments(grow_checkpoint)
+    _verify_arguments(sub.add_parser("verify", help="grow a random model by a plan and check function preservation"))
+    _grow_checkpoint_arguments(
+        sub.add_parser("grow-checkpoint", help="grow a saved checkpoint (weights and optimizer state)"))
 
     plot = sub.add_parser("plot", help="draw a run's loss curve with its growth events (PNG)")
     plot.add_argument("--metrics", required=True, help="the run's metrics file (train.metrics_path)")

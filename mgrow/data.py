@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
 
 from mgrow.errors import ConfigError
+
+# torch is imported where tensors are made: checking a config's data paths does not need it.
 
 DEFAULT_SOURCES = ["/usr/share/common-licenses"]
 EOD = 0
@@ -41,6 +42,7 @@ def _text_files(sources: Iterable[str]) -> list[Path]:
 
 def build_corpus(prefix: str, sources: Iterable[str] = DEFAULT_SOURCES, valid_fraction: float = 0.05) -> str:
     """Tokenize ``sources`` into ``prefix``_train/_valid indexed datasets; returns ``prefix``."""
+    import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
@@ -82,6 +84,7 @@ class TokenWindows:
     """
 
     def __init__(self, prefix: str, split: str, seq_length: int, seed: int):
+        import torch
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         dataset = IndexedDataset(f"{prefix}_{split}")
@@ -94,6 +97,8 @@ class TokenWindows:
         self._orders: dict[int, torch.Tensor] = {}
 
     def _order(self, epoch: int) -> torch.Tensor:
+        import torch
+
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._orders[epoch] = torch.randperm(self.windows, generator=generator)
@@ -101,6 +106,8 @@ class TokenWindows:
 
     def samples(self, start: int, count: int) -> torch.Tensor:
         """Samples ``start .. start+count-1`` of the stream as a [count, seq_length+1] tensor."""
+        import torch
+
         rows = []
         for i in range(start, start + count):
             epoch, j = divmod(i, self.windows)

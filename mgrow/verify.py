@@ -24,30 +24,6 @@ from mgrow.ops.common import is_norm_gain
 from mgrow.plan import Plan, apply_plan, load_plan
 from mgrow.runtime import init_single_process
 
-DEFAULT_TOL = 1e-5
-
-
-OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
-    parser.add_argument("--plan", action="append",
-                        help="growth plan YAML (e.g. configs/plans/all_ops.yaml); repeat to check several")
-    parser.add_argument("--before", help="checkpoint A: compare its logits with --after's instead of growing a model")
-    parser.add_argument("--after", help="checkpoint B (e.g. made from A by mgrow grow-checkpoint)")
-    parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="largest max-abs logit difference accepted")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random model and tokens")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (sharded check)")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (sharded check)")
-    parser.add_argument("--dp", type=int, default=1, help="data parallel size (sharded check)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 model with fp32 master weights (sharded check; sets the model's bf16 key)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                        help="optimizer path of the sharded check (default adam); without it and at "
-                             "tp = pp = dp = 1 the reference operators are checked alone")
-
-
 def run(args) -> int:
     if args.before is not None or args.after is not None:
         if args.before is None or args.after is None or args.model or args.plan:

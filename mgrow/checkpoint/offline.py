@@ -56,15 +56,6 @@ def _restored(folder, metadata, tp: int, pp: int):
 # ----------------------------------------------------------------------------- grow-checkpoint
 
 
-def add_grow_arguments(parser) -> None:
-    parser.add_argument("--in", dest="source", required=True, help="checkpoint to grow (a root or a step folder)")
-    parser.add_argument("--plan", required=True, help="growth plan YAML")
-    parser.add_argument("--out", required=True, help="checkpoint root to write the grown checkpoint into")
-    for flag in ("tp", "pp", "dp"):
-        parser.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the job that grows it "
-                                                                      "(default: the checkpoint's)")
-
-
 def grow_command(args) -> int:
     from mgrow.plan import load_plan
     from mgrow.train.launch import spawn_local, under_launcher

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
-from mgrow.plan import Plan, load_plan
+if TYPE_CHECKING:
+    from mgrow.plan import Plan
 
 OPTIMIZER_STATES = ("keep", "reset")
 _KEYS = ("at_step", "at_tokens", "plan", "lr_warmup_steps", "optimizer_state", "micro_batch_size",
@@ -89,6 +90,8 @@ def _parse_event(where: str, entry: Any) -> GrowthEvent:
     _positive(f"{where}.{trigger}", entry[trigger], minimum=1)
     if "plan" not in entry:
         raise ConfigError(f"{where}.plan", "required: a plan mapping or the path of a plan YAML")
+    from mgrow.plan import load_plan  # the operators' module imports torch: only a config with growth events needs it
+
     try:
         plan = load_plan(entry["plan"])
     except ConfigError as error:
