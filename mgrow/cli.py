@@ -1,4 +1,4 @@
-"""`mgrow` command line: train, verify, grow-checkpoint, plot, data.
+"""`mgrow` command line: train, verify, grow-checkpoint, bench, plot, data.
 
 The parser imports nothing heavy: a bad flag or config is refused on every rank
 before torch, megatron-core or DeepSpeed is loaded.
@@ -43,6 +43,21 @@ def _grow_checkpoint_arguments(parser) -> None:
                                                                       "(default: the checkpoint's)")
 
 
+def _bench_growth_arguments(parser) -> None:
+    from mgrow.train.config import OPTIMIZERS
+
+    parser.add_argument("--model", required=True, help="model YAML (ModelConfig keys)")
+    parser.add_argument("--plan", required=True, help="growth plan YAML")
+    for flag in ("tp", "pp", "dp"):
+        parser.add_argument(f"--{flag}", type=int, default=1, help=f"{flag} of the job")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="megatron", help="optimizer path")
+    parser.add_argument("--bf16", action="store_true", help="bf16 model with fp32 master weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the token batches")
+    parser.add_argument("--throughput-steps", type=int, default=10,
+                        help="training steps timed for the grown and the fresh engine each")
+    parser.add_argument("--profile", default=None, help="write rank 0's cProfile of the in-memory growth to this file")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgrow", description=__doc__)
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK is read from the env.
@@ -57,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     _verify_arguments(sub.add_parser("verify", help="grow a random model by a plan and check function preservation"))
     _grow_checkpoint_arguments(
         sub.add_parser("grow-checkpoint", help="grow a saved checkpoint (weights and optimizer state)"))
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    _bench_growth_arguments(bench.add_parser(
+        "growth", help="in-memory growth vs the checkpoint round trip and the memcpy floor; grown vs fresh tokens/s"))
 
     plot = sub.add_parser("plot", help="draw a run's loss curve with its growth events (PNG)")
     plot.add_argument("--metrics", required=True, help="the run's metrics file (train.metrics_path)")
@@ -84,6 +103,10 @@ def main(argv=None) -> int:
             from mgrow.checkpoint import offline
 
             return offline.grow_command(args)
+        if args.command == "bench":
+            from mgrow.bench import growth as bench_growth
+
+            return bench_growth.command(args)
         if args.command == "plot":
             from mgrow.plot import plot_loss
 

@@ -87,11 +87,20 @@ def shard_local(tensor: torch.Tensor, name: str, tmap, old_shape: tuple[int, ...
     return tensor if order is None else tensor.index_select(layout.partition_dim, order)
 
 
-def split_shard_local(tensor: torch.Tensor, name: str, tmap, old_shape, new_cfg, grid: Grid) -> torch.Tensor:
-    """This rank's TP shard of ``shard_local(tensor, ...)``, without building the reordered full tensor."""
+def shard_rows(name: str, tmap, old_shape, new_cfg, grid: Grid):
+    """(layout, this rank's indices along the TP dim of the grown reference-order tensor), or (layout, None)
+    where the shard is the plain TP split. Depends only on the index map: computed once per parameter."""
     layout, order = _local_order(name, tmap, old_shape, new_cfg, grid.tp)
     if order is None:
-        return split_tp(tensor, layout, grid)
+        return layout, None
     along = layout_table.TensorLayout(layout.pattern, 0, layout.stride)
-    mine = layout_table.tp_shard(order, along, grid.tp_rank, grid.tp)
-    return tensor.index_select(layout.partition_dim, mine)
+    return layout, layout_table.tp_shard(order, along, grid.tp_rank, grid.tp)
+
+
+def take_shard(tensor: torch.Tensor, layout, rows, grid: Grid) -> torch.Tensor:
+    return split_tp(tensor, layout, grid) if rows is None else tensor.index_select(layout.partition_dim, rows)
+
+
+def split_shard_local(tensor: torch.Tensor, name: str, tmap, old_shape, new_cfg, grid: Grid) -> torch.Tensor:
+    """This rank's TP shard of ``shard_local(tensor, ...)``, without building the reordered full tensor."""
+    return take_shard(tensor, *shard_rows(name, tmap, old_shape, new_cfg, grid), grid)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from mgrow import faults
 from mgrow.errors import ConfigError
-from mgrow.growth.shards import Grid, gather_tp, move_between_stages, source_stage, split_shard_local
+from mgrow.growth.shards import Grid, gather_tp, move_between_stages, shard_rows, source_stage, take_shard
 from mgrow.layouts import megatron as layout_table
 from mgrow.layouts.optimizer_state import MOMENTS
 from mgrow.model import build_gpt, global_names
@@ -116,6 +116,9 @@ class _Mover:
         self.old_shapes = layout_table.parameter_shapes(old_cfg)
         self.new_shapes = layout_table.parameter_shapes(self.new_cfg)
         self.masters: dict[str, torch.Tensor] = {}  # bf16: this rank's grown fp32 shards, until set_masters
+        # per grown parameter on this rank, from the weights pass: its index map and TP shard rows (the
+        # moments follow the same map; recomputing it meant growing the weight again)
+        self.maps: dict[str, tuple] = {}
 
     def _route(self, name: str):
         """(old source name or None, old holders, new holders) of grown parameter ``name``."""
@@ -130,8 +133,11 @@ class _Mover:
         return move_between_stages(full, self.old_shapes[source], holders, destinations, self.grid)
 
     def _my_shard(self, tensor, name, tmap):
-        old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
-        return split_shard_local(tensor, name, tmap, old_shape, self.new_cfg, self.grid)
+        if name not in self.maps:
+            old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
+            self.maps[name] = (tmap, *shard_rows(name, tmap, old_shape, self.new_cfg, self.grid))
+        _, layout, rows = self.maps[name]
+        return take_shard(tensor, layout, rows, self.grid)
 
     def weights(self, engine, new_model) -> None:
         old = _by_global_name(engine.module)
@@ -183,7 +189,7 @@ class _Mover:
             if source is None:
                 continue  # a new tensor: its moments stay 0
             layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
-            tmap, error = None, None
+            error = None
             for key in MOMENTS:
                 read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.grid)  # noqa: E731
                 full = self._gathered(source, holders, destinations, read)
@@ -191,8 +197,7 @@ class _Mover:
                     continue
                 try:
                     faults.growth_failure_point("moments", name)
-                    if tmap is None:
-                        _, tmap = grow_one(self.steps, self.values, name, full)  # the index map only
+                    tmap = self.maps[name][0]  # the weight's index map (weights pass)
                     grown = carry_moment(tmap, full, power=MOMENTS.index(key) + 1)
                     new_state.set_moment(new[name], key, self._my_shard(grown, name, tmap))
                 except Exception as caught:  # noqa: BLE001

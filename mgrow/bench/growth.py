@@ -1,0 +1,220 @@
+"""`mgrow bench growth`: in-memory growth against the checkpoint round trip users run today, and the floor.
+
+One job (tp x pp x dp ranks) trains a model 2 steps so Adam has state, then,
+on the same ranks and the same plan:
+
+* ``growth_seconds``: :func:`mgrow.growth.grow` in memory (the slowest rank);
+* ``roundtrip_seconds``: save the checkpoint, grow it offline (load it into an
+  engine, grow, save the grown checkpoint: what ``mgrow grow-checkpoint`` does),
+  load the grown checkpoint into the grown layout; the process relaunch a real
+  round trip adds is not counted;
+* ``memcpy_floor_seconds``: the bytes growth must touch on the busiest rank
+  (read every byte of its old weights and optimizer state, write every byte of
+  the new) over the memcpy bandwidth measured in the same process; a copy of n
+  bytes reads n and writes n, so floor = (before + after) / (2 * bandwidth);
+* ``throughput_ratio``: tokens/s of the grown engine over a freshly built
+  engine of the same size, timed alternately in the same job.
+
+Rank 0 prints one JSON line; ``--profile FILE`` writes its cProfile of the in-memory growth.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import pstats
+import tempfile
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mgrow import rss
+
+MEMCPY_BYTES = 256 * 2**20
+
+
+def memcpy_bytes_per_second(repeats: int = 5) -> float:
+    """Bytes copied per second by ``Tensor.copy_`` of a 256 MiB buffer (best of ``repeats``)."""
+    src = torch.ones(MEMCPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return MEMCPY_BYTES / best
+
+
+def state_bytes(engine) -> int:
+    """This rank's bytes of model parameters, separate fp32 masters and Adam state."""
+    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    total = sum(p.numel() * p.element_size() for p in params)
+    in_model = {p.untyped_storage().data_ptr() for p in params}
+    for master, state in engine.optimizer_state().inner.state.items():
+        if master.untyped_storage().data_ptr() not in in_model:  # ZeRO partitions, bf16 masters
+            total += master.numel() * master.element_size()
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total
+
+
+def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_steps: int,
+        profile: Optional[str] = None) -> int:
+    from mgrow.checkpoint import Progress, save
+    from mgrow.checkpoint.files import read_metadata
+    from mgrow.checkpoint.offline import _restored
+    from mgrow.growth import grow
+    from mgrow.growth.verify_job import RandomBatches, train_config
+    from mgrow.model import build_gpt
+    from mgrow.runtime import init_distributed
+    from mgrow.train.engines import build_engine
+
+    layout = init_distributed(tp, pp, seed)
+    cfg = train_config(model, tp, pp, optimizer, layout.dp, min(64, model.max_sequence_length))
+    cfg.check_world(layout.world)
+    batches = RandomBatches(cfg, seed)
+    engine = build_engine(build_gpt(model, seed=seed), cfg, layout.dp)
+    for step in range(2):
+        engine.train_step(batches(step))
+    bandwidth = memcpy_bytes_per_second()
+    before = state_bytes(engine)
+
+    dist.barrier()
+    rss.reset_peak()
+    profiler = cProfile.Profile() if profile and layout.rank == 0 else None
+    if profiler:
+        profiler.enable()
+    grown, grown_cfg, report = grow(engine, cfg, plan, keep_old=True)
+    if profiler:
+        profiler.disable()
+        with open(profile, "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
+    growth_seconds = _max(report.growth_seconds)
+    after = state_bytes(grown)
+    peaks = _gather(rss.peak_process())
+
+    with tempfile.TemporaryDirectory(prefix="mgrow-bench-") as scratch:
+        scratch = _same_on_every_rank(scratch)
+        dist.barrier()
+        parts = {}
+        start = time.perf_counter()
+        folder = save(engine, cfg, Progress(step=2), f"{scratch}/before")
+        parts["save"] = time.perf_counter() - start
+        offline, offline_cfg, progress = _restored(folder, read_metadata(folder), tp, pp)
+        offline, offline_grown_cfg, _ = grow(offline, offline_cfg, plan)
+        grown_folder = save(offline, offline_grown_cfg, progress, f"{scratch}/after")
+        offline.destroy()
+        parts["grow_offline"] = time.perf_counter() - start - parts["save"]
+        loaded, _, _ = _restored(grown_folder, read_metadata(grown_folder), tp, pp)
+        dist.barrier()
+        roundtrip_seconds = time.perf_counter() - start
+        parts["load"] = roundtrip_seconds - parts["save"] - parts["grow_offline"]
+        loaded.destroy()
+        dist.barrier()
+
+    engine.destroy()
+    fresh = build_engine(build_gpt(grown_cfg.model, seed=seed + 1), grown_cfg, layout.dp)
+    grown_tps, fresh_tps = _alternate_throughput(grown, fresh, RandomBatches(grown_cfg, seed), throughput_steps)
+
+    floor = (_max(before) + _max(after)) / (2 * _min(bandwidth))
+    result = {
+        "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "optimizer": optimizer, "bf16": model.bf16},
+        "plan": report.plan,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "growth_seconds": growth_seconds,
+        "roundtrip_seconds": roundtrip_seconds,
+        "roundtrip_parts_seconds": parts,
+        "memcpy_floor_seconds": floor,
+        "memcpy_bytes_per_second": _min(bandwidth),
+        "state_bytes_before": _gather(before),
+        "state_bytes_after": _gather(after),
+        "peak_rss_bytes": peaks,
+        "roundtrip_over_growth": roundtrip_seconds / growth_seconds,
+        "growth_over_floor": growth_seconds / floor,
+        "grown_tokens_per_second": grown_tps,
+        "fresh_tokens_per_second": fresh_tps,
+        "throughput_ratio": grown_tps / fresh_tps,
+    }
+    if layout.rank == 0:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, float]:
+    """Training tokens/s of two engines of one size, one step each in turn (the machine's noise hits both)."""
+    from mgrow.train.engines import global_mean_loss
+
+    seconds = {"grown": 0.0, "fresh": 0.0}
+    tokens = 0
+    for step in range(steps + 1):
+        batch = batches(step)
+        for name, engine in (("grown", grown), ("fresh", fresh)):
+            dist.barrier()
+            start = time.perf_counter()
+            global_mean_loss(engine.train_step(batch))  # ends when the step has on every rank
+            if step > 0:  # the first step of each warms allocators
+                seconds[name] += time.perf_counter() - start
+        if step > 0:
+            tokens += batches.gbs * batches.seq
+    return tokens / _max(seconds["grown"]), tokens / _max(seconds["fresh"])
+
+
+def _same_on_every_rank(path: str) -> str:
+    paths = [path]
+    dist.broadcast_object_list(paths, src=0)
+    return paths[0]
+
+
+def _gather(value: float) -> list:
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _max(value: float) -> float:
+    return max(_gather(value))
+
+
+def _min(value: float) -> float:
+    return min(_gather(value))
+
+
+def command(args) -> int:
+    """``mgrow bench growth``: validate, then start the job's local ranks (or run as one rank of a launcher)."""
+    import os
+
+    from mgrow.errors import ConfigError
+    from mgrow.plan import load_plan
+    from mgrow.runtime import shutdown
+    from mgrow.train.launch import spawn_local, under_launcher
+    from mgrow.verify import load_model_config
+
+    model = load_model_config(args.model)
+    if args.bf16:
+        model = model.replace(bf16=True)
+    plan = load_plan(args.plan)
+    for flag in ("tp", "pp", "dp", "throughput_steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {getattr(args, flag)}")
+    if args.optimizer.startswith("zero") and args.pp != 1:
+        raise ConfigError("--pp", f"optimizer {args.optimizer} (DeepSpeed ZeRO) runs with pp = 1, got {args.pp}")
+    for what, cfg in (("--model", model), (f"--plan {args.plan}", None)):
+        try:
+            (cfg or plan.validate(model)[-1]).check_layout(args.tp, args.pp)
+        except ConfigError as error:
+            raise ConfigError(what, f"the model does not fit tp={args.tp}, pp={args.pp}: {error}") from None
+    world = args.tp * args.pp * args.dp
+    if not under_launcher():
+        argv = ["bench", "growth", "--model", args.model, "--plan", args.plan, "--tp", str(args.tp),
+                "--pp", str(args.pp), "--dp", str(args.dp), "--optimizer", args.optimizer,
+                "--seed", str(args.seed), "--throughput-steps", str(args.throughput_steps), *(["--bf16"] * args.bf16),
+                *(["--profile", args.profile] if args.profile else [])]
+        return spawn_local(world, argv)
+    if int(os.environ["WORLD_SIZE"]) != world:
+        raise ConfigError("--dp", f"tp*pp*dp = {world} must equal the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}")
+    try:
+        return run(model, plan, args.tp, args.pp, args.optimizer, args.seed, args.throughput_steps, args.profile)
+    finally:
+        shutdown()

@@ -1,0 +1,29 @@
+"""`mgrow bench growth` runs and reports what it measured (the speed targets are read from its output, not
+asserted: benchmarks, not timed tests)."""
+
+import json
+import subprocess
+import sys
+
+from launch_utils import REPO, clean_env
+
+
+def test_bench_growth_reports_growth_roundtrip_floor_and_throughput():
+    done = subprocess.run(
+        [sys.executable, "-m", "mgrow.cli", "bench", "growth", "--model", str(REPO / "configs/models/tiny_gqa_swiglu.yaml"),
+         "--plan", str(REPO / "configs/plans/tiny_gqa_widen.yaml"), "--tp", "2", "--optimizer", "megatron",
+         "--throughput-steps", "2"],
+        capture_output=True, text=True, timeout=240, cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(line)
+    assert result["layout"] == {"tp": 2, "pp": 1, "dp": 1, "optimizer": "megatron", "bf16": False}
+    assert result["params_after"] > result["params_before"]
+    assert len(result["state_bytes_before"]) == len(result["state_bytes_after"]) == len(result["peak_rss_bytes"]) == 2
+    # this rank's params + Adam's two moments, all fp32 (megatron AdamW: the parameter is the master), per TP rank
+    assert all(after > before for before, after in zip(result["state_bytes_before"], result["state_bytes_after"]))
+    assert sum(result["state_bytes_before"]) >= 3 * 4 * result["params_before"]
+    parts = result["roundtrip_parts_seconds"]
+    assert abs(sum(parts.values()) - result["roundtrip_seconds"]) < 1e-6 and min(parts.values()) > 0
+    assert result["growth_seconds"] > 0 and result["memcpy_floor_seconds"] > 0
+    assert result["grown_tokens_per_second"] > 0 and result["fresh_tokens_per_second"] > 0
