@@ -63,7 +63,7 @@ def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_ste
         profile: Optional[str] = None) -> int:
     from mgrow.checkpoint import Progress, save
     from mgrow.checkpoint.files import read_metadata
-    from mgrow.checkpoint.offline import _restored
+    from mgrow.checkpoint.offline import restored_engine
     from mgrow.growth import grow
     from mgrow.growth.verify_job import RandomBatches, train_config
     from mgrow.model import build_gpt
@@ -101,12 +101,12 @@ def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_ste
         start = time.perf_counter()
         folder = save(engine, cfg, Progress(step=2), f"{scratch}/before")
         parts["save"] = time.perf_counter() - start
-        offline, offline_cfg, progress = _restored(folder, read_metadata(folder), tp, pp)
+        offline, offline_cfg, progress = restored_engine(folder, read_metadata(folder), tp, pp)
         offline, offline_grown_cfg, _ = grow(offline, offline_cfg, plan)
         grown_folder = save(offline, offline_grown_cfg, progress, f"{scratch}/after")
         offline.destroy()
         parts["grow_offline"] = time.perf_counter() - start - parts["save"]
-        loaded, _, _ = _restored(grown_folder, read_metadata(grown_folder), tp, pp)
+        loaded, _, _ = restored_engine(grown_folder, read_metadata(grown_folder), tp, pp)
         dist.barrier()
         roundtrip_seconds = time.perf_counter() - start
         parts["load"] = roundtrip_seconds - parts["save"] - parts["grow_offline"]

@@ -38,7 +38,7 @@ def training_config(metadata: dict, tp: int, pp: int):
     return from_dict(raw)
 
 
-def _restored(folder, metadata, tp: int, pp: int):
+def restored_engine(folder, metadata, tp: int, pp: int):
     """An engine on the current layout holding the checkpoint's model and optimizer state."""
     from megatron.core import parallel_state as ps
 
@@ -98,7 +98,7 @@ def _grow_job(folder, metadata, plan, out: str, tp: int, pp: int) -> int:
 
     try:
         init_distributed(tp, pp, metadata["config"]["train"]["seed"])
-        engine, cfg, progress = _restored(folder, metadata, tp, pp)
+        engine, cfg, progress = restored_engine(folder, metadata, tp, pp)
         tokens = random_tokens(cfg.model, 0, batch=2, seq=cfg.train.seq_length)
         start = time.perf_counter()
         engine, grown_cfg, report = grow(engine, cfg, plan, check_tokens=tokens)
@@ -139,7 +139,7 @@ def verify_checkpoints(before: str, after: str, tol: float, seed: int) -> int:
     same_model = checkpoints[0][2] == checkpoints[1][2]
     logits, params, states = [], [], []
     for folder, metadata, model in checkpoints:
-        engine, _, _ = _restored(folder, metadata, 1, 1)
+        engine, _, _ = restored_engine(folder, metadata, 1, 1)
         logits.append(engine.logits(tokens).float())
         params.append(model.num_parameters())
         if same_model:

@@ -173,21 +173,22 @@ def shard_local_order(
     per_rank_units, old_chunk = new_block // (unit * tp), old_block // tp
     order = []
     for block in range(blocks):
-        local = src[block * new_block : (block + 1) * new_block]
-        ranks: list[list[int]] = [[] for _ in range(tp)]
-        new_units = []
-        for first in range(0, new_block, unit):
-            entries = local[first : first + unit]
-            old = entries[entries >= 0] - block * old_block
-            owners = set((old // old_chunk).tolist())
-            if len(owners) > 1:
-                return None
-            (ranks[owners.pop()] if owners else new_units).append(first)
+        local = src[block * new_block : (block + 1) * new_block].view(-1, unit)  # one row per unit
+        is_old = local >= 0
+        owner = (local - block * old_block).div(old_chunk, rounding_mode="floor")
+        highest = torch.where(is_old, owner, -1).max(dim=1).values  # the TP rank that held the unit's old entries
+        lowest = torch.where(is_old, owner, tp).min(dim=1).values
+        has_old = is_old.any(dim=1)
+        if bool((has_old & (highest != lowest)).any()):
+            return None  # a unit whose old entries were on several ranks
+        ranks = [torch.nonzero(has_old & (highest == rank)).flatten().tolist() for rank in range(tp)]
+        new_units = torch.nonzero(~has_old).flatten().tolist()
         for rank in range(tp):
             take = per_rank_units - len(ranks[rank])
             if take < 0 or take > len(new_units):
                 return None
             ranks[rank] += new_units[:take]
             new_units = new_units[take:]
-        order += [block * new_block + first + i for rank in ranks for first in rank for i in range(unit)]
-    return torch.tensor(order, dtype=torch.int64)
+        units = torch.tensor([u for rank in ranks for u in rank], dtype=torch.int64)
+        order.append(block * new_block + (units[:, None] * unit + torch.arange(unit)).flatten())
+    return torch.cat(order)

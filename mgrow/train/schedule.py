@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
+
 if TYPE_CHECKING:
     from mgrow.plan import Plan
 
