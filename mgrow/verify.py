@@ -55,15 +55,10 @@ def run(args) -> int:
 
 
 def _run_sharded(args, cfg: ModelConfig, plans: list[Plan]) -> int:
-    from mgrow.train.launch import spawn_local, under_launcher
+    from mgrow.train.launch import check_job_flags, check_launcher_world, spawn_local, under_launcher
 
     optimizer = args.optimizer or "adam"
-    for flag in ("tp", "pp", "dp"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise ConfigError(f"--{flag}", f"must be >= 1, got {value}")
-    if optimizer.startswith("zero") and args.pp != 1:
-        raise ConfigError("--pp", f"optimizer {optimizer} (DeepSpeed ZeRO) runs with pp = 1, got {args.pp}")
+    check_job_flags(args.tp, args.pp, args.dp, optimizer)
     try:
         cfg.check_layout(args.tp, args.pp)
     except ConfigError as error:
@@ -82,8 +77,7 @@ def _run_sharded(args, cfg: ModelConfig, plans: list[Plan]) -> int:
         for path in args.plan:
             argv += ["--plan", path]
         return spawn_local(world, argv)
-    if int(os.environ["WORLD_SIZE"]) != world:
-        raise ConfigError("--dp", f"tp*pp*dp = {world} must equal the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}")
+    check_launcher_world(world)
     from mgrow.growth import verify_job
     from mgrow.runtime import shutdown
 

@@ -183,26 +183,22 @@ def _min(value: float) -> float:
 
 def command(args) -> int:
     """``mgrow bench growth``: validate, then start the job's local ranks (or run as one rank of a launcher)."""
-    import os
-
     from mgrow.errors import ConfigError
     from mgrow.plan import load_plan
     from mgrow.runtime import shutdown
-    from mgrow.train.launch import spawn_local, under_launcher
+    from mgrow.train.launch import check_job_flags, check_launcher_world, spawn_local, under_launcher
     from mgrow.verify import load_model_config
 
     model = load_model_config(args.model)
     if args.bf16:
         model = model.replace(bf16=True)
     plan = load_plan(args.plan)
-    for flag in ("tp", "pp", "dp", "throughput_steps"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}", f"must be >= 1, got {getattr(args, flag)}")
-    if args.optimizer.startswith("zero") and args.pp != 1:
-        raise ConfigError("--pp", f"optimizer {args.optimizer} (DeepSpeed ZeRO) runs with pp = 1, got {args.pp}")
-    for what, cfg in (("--model", model), (f"--plan {args.plan}", None)):
+    check_job_flags(args.tp, args.pp, args.dp, args.optimizer)
+    if args.throughput_steps < 1:
+        raise ConfigError("--throughput-steps", f"must be >= 1, got {args.throughput_steps}")
+    for what, cfg in (("--model", model), (f"--plan {args.plan}", plan.validate(model)[-1])):
         try:
-            (cfg or plan.validate(model)[-1]).check_layout(args.tp, args.pp)
+            cfg.check_layout(args.tp, args.pp)
         except ConfigError as error:
             raise ConfigError(what, f"the model does not fit tp={args.tp}, pp={args.pp}: {error}") from None
     world = args.tp * args.pp * args.dp
@@ -212,8 +208,7 @@ def command(args) -> int:
                 "--seed", str(args.seed), "--throughput-steps", str(args.throughput_steps), *(["--bf16"] * args.bf16),
                 *(["--profile", args.profile] if args.profile else [])]
         return spawn_local(world, argv)
-    if int(os.environ["WORLD_SIZE"]) != world:
-        raise ConfigError("--dp", f"tp*pp*dp = {world} must equal the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}")
+    check_launcher_world(world)
     try:
         return run(model, plan, args.tp, args.pp, args.optimizer, args.seed, args.throughput_steps, args.profile)
     finally:

@@ -58,7 +58,7 @@ def restored_engine(folder, metadata, tp: int, pp: int):
 
 def grow_command(args) -> int:
     from mgrow.plan import load_plan
-    from mgrow.train.launch import spawn_local, under_launcher
+    from mgrow.train.launch import check_job_flags, check_launcher_world, spawn_local, under_launcher
 
     folder, metadata, model = read(args.source, "--in")
     saved = metadata["layout"]
@@ -68,9 +68,7 @@ def grow_command(args) -> int:
         grown = plan.validate(model)[-1]
     except ConfigError as error:
         raise ConfigError(f"--plan {args.plan}: {error.field}", f"{error.rule} (checkpoint {folder})") from None
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
-        if value < 1:
-            raise ConfigError(flag, f"must be >= 1, got {value}")
+    check_job_flags(tp, pp, dp)
     for what, cfg in (("--in", model), (f"--plan {args.plan}", grown)):
         try:
             cfg.check_layout(tp, pp)
@@ -83,9 +81,7 @@ def grow_command(args) -> int:
         argv = ["grow-checkpoint", "--in", str(folder), "--plan", args.plan, "--out", args.out,
                 "--tp", str(tp), "--pp", str(pp), "--dp", str(dp)]
         return spawn_local(tp * pp * dp, argv)
-    if int(os.environ["WORLD_SIZE"]) != tp * pp * dp:
-        raise ConfigError("--dp", f"tp*pp*dp = {tp * pp * dp} must equal the launcher's WORLD_SIZE "
-                                  f"{os.environ['WORLD_SIZE']}")
+    check_launcher_world(tp * pp * dp)
     return _grow_job(folder, metadata, plan, args.out, tp, pp)
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Callable, Optional
 
+from mgrow.errors import ConfigError
 from mgrow.train import config as train_config
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -13,6 +14,21 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 def under_launcher() -> bool:
     return all(name in os.environ for name in LAUNCHER_ENV)
+
+
+def check_job_flags(tp: int, pp: int, dp: int, optimizer: Optional[str] = None) -> None:
+    """The --tp/--pp/--dp (and --optimizer) of a command that runs its own job (verify, grow-checkpoint, bench)."""
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+        if value < 1:
+            raise ConfigError(flag, f"must be >= 1, got {value}")
+    if optimizer is not None and optimizer.startswith("zero") and pp != 1:
+        raise ConfigError("--pp", f"optimizer {optimizer} (DeepSpeed ZeRO) runs with pp = 1, got {pp}")
+
+
+def check_launcher_world(world: int) -> None:
+    """Under a launcher, its WORLD_SIZE must be the job's tp*pp*dp."""
+    if int(os.environ["WORLD_SIZE"]) != world:
+        raise ConfigError("--dp", f"tp*pp*dp = {world} must equal the launcher's WORLD_SIZE {os.environ['WORLD_SIZE']}")
 
 
 def train_command(config_path: str, nproc: Optional[int], overrides: list[str]) -> int:
