@@ -100,7 +100,3 @@ def shard_rows(name: str, tmap, old_shape, new_cfg, grid: Grid):
 def take_shard(tensor: torch.Tensor, layout, rows, grid: Grid) -> torch.Tensor:
     return split_tp(tensor, layout, grid) if rows is None else tensor.index_select(layout.partition_dim, rows)
 
-
-def split_shard_local(tensor: torch.Tensor, name: str, tmap, old_shape, new_cfg, grid: Grid) -> torch.Tensor:
-    """This rank's TP shard of ``shard_local(tensor, ...)``, without building the reordered full tensor."""
-    return take_shard(tensor, *shard_rows(name, tmap, old_shape, new_cfg, grid), grid)
