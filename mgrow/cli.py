@@ -1,4 +1,4 @@
-"""`mgrow` command line: train, verify, grow-checkpoint, bench, plot, data.
+"""`mgrow` command line: train, verify, grow-checkpoint, fuse, bench, plot, data.
 
 The parser imports nothing heavy: a bad flag or config is refused on every rank
 before torch, megatron-core or DeepSpeed is loaded.
@@ -7,6 +7,7 @@ before torch, megatron-core or DeepSpeed is loaded.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mgrow.errors import ConfigError
@@ -43,6 +44,12 @@ def _grow_checkpoint_arguments(parser) -> None:
                                                                       "(default: the checkpoint's)")
 
 
+# `mgrow bench X` runs mgrow.bench.<module>.command; the studies (a file of runs compared by validation loss
+# against training FLOPs) share one runner.
+BENCH_MODULES = {"growth": "growth", "efficiency": "efficiency", "masked": "efficiency", "warm-start": "efficiency",
+                 "fusion": "fusion", "transfer": "transfer"}
+
+
 def _bench_growth_arguments(parser) -> None:
     from mgrow.train.config import OPTIMIZERS
 
@@ -56,6 +63,36 @@ def _bench_growth_arguments(parser) -> None:
     parser.add_argument("--throughput-steps", type=int, default=10,
                         help="training steps timed for the grown and the fresh engine each")
     parser.add_argument("--profile", default=None, help="write rank 0's cProfile of the in-memory growth to this file")
+
+
+def _bench_study_arguments(parser, study: str, runs: bool = True) -> None:
+    parser.add_argument("--study", default=study, help=f"study YAML (default {study})")
+    parser.add_argument("--size", default="reduced", help="a key of the study's sizes (reduced: <= 10 min)")
+    parser.add_argument("--out", default=f"runs/{os.path.splitext(os.path.basename(study))[0]}",
+                        help="folder for each run's config, log and metrics")
+    if runs:
+        parser.add_argument("--runs", default=None, help="comma-separated runs to train (scratch always runs)")
+        parser.add_argument("--reuse", action="store_true",
+                            help="read a run's metrics in --out instead of training it again when they are complete")
+    parser.add_argument("--plot", default=None, help="write the validation loss vs FLOPs plot (PNG) here")
+
+
+def _bench_transfer_arguments(parser) -> None:
+    parser.add_argument("--source-steps", type=int, default=200, help="steps of the dense source model")
+    parser.add_argument("--steps", type=int, default=200, help="steps of each target run (scratch and transfer)")
+    parser.add_argument("--window", type=int, default=20, help="transfer.unfreeze_window of the transfer runs")
+    parser.add_argument("--threshold", type=float, default=0.01, help="transfer.unfreeze_threshold")
+    parser.add_argument("--nproc", type=int, default=1, help="local ranks of each run")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
+
+
+def _fuse_arguments(parser) -> None:
+    parser.add_argument("--a", required=True, help="checkpoint of model A (a root or a step folder)")
+    parser.add_argument("--b", required=True, help="checkpoint of model B (the same model config as A)")
+    parser.add_argument("--out", required=True, help="checkpoint root to write the fused model into")
+    for flag in ("tp", "pp", "dp"):
+        parser.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the job that fuses them "
+                                                                      "(default: A's)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,10 +109,24 @@ def _parser() -> argparse.ArgumentParser:
     _verify_arguments(sub.add_parser("verify", help="grow a random model by a plan and check function preservation"))
     _grow_checkpoint_arguments(
         sub.add_parser("grow-checkpoint", help="grow a saved checkpoint (weights and optimizer state)"))
+    _fuse_arguments(sub.add_parser("fuse", help="fuse two checkpoints of one model into one twice-as-wide model"))
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _bench_growth_arguments(bench.add_parser(
         "growth", help="in-memory growth vs the checkpoint round trip and the memcpy floor; grown vs fresh tokens/s"))
+    _bench_study_arguments(bench.add_parser(
+        "efficiency", help="FLOPs to the same validation loss: growth schedules vs training from scratch"),
+        "bench/efficiency.yaml")
+    _bench_study_arguments(bench.add_parser(
+        "fusion", help="two trained models fused and trained on vs the fused size from scratch"),
+        "bench/fusion.yaml", runs=False)
+    _bench_transfer_arguments(bench.add_parser(
+        "transfer", help="loss at equal steps: a GQA / MoE model started by transfer (XATL) vs from scratch"))
+    _bench_study_arguments(bench.add_parser(
+        "masked", help="masked growth (random new weights behind a ramped mask) vs plain growth vs from scratch"),
+        "bench/masked_growth.yaml")
+    _bench_study_arguments(bench.add_parser(
+        "warm-start", help="explicit warm start (train.init: explicit) vs random init"), "bench/warm_start.yaml")
 
     plot = sub.add_parser("plot", help="draw a run's loss curve with its growth events (PNG)")
     plot.add_argument("--metrics", required=True, help="the run's metrics file (train.metrics_path)")
@@ -103,10 +154,14 @@ def main(argv=None) -> int:
             from mgrow.checkpoint import offline
 
             return offline.grow_command(args)
-        if args.command == "bench":
-            from mgrow.bench import growth as bench_growth
+        if args.command == "fuse":
+            from mgrow.checkpoint import fuse
 
-            return bench_growth.command(args)
+            return fuse.fuse_command(args)
+        if args.command == "bench":
+            import importlib
+
+            return importlib.import_module(f"mgrow.bench.{BENCH_MODULES[args.bench]}").command(args)
         if args.command == "plot":
             from mgrow.plot import plot_loss
 

@@ -6,7 +6,7 @@ module gets its own ``torch`` name rebound to :class:`_CpuTorch`, a thin proxy
 that forwards everything to torch except:
 
 * ``torch.cuda.current_device()`` -> ``"cpu"``   (GlobalMemoryBuffer.get_tensor,
-  param_and_grad_buffer, rotary_pos_embedding, p2p_communication,
+  param_and_grad_buffer, rotary_pos_embedding, p2p_communication, moe.router,
   distrib_optimizer, state_dict_saver),
 * ``torch.cuda.synchronize()`` -> no-op          (p2p_communication, filesystem_async),
 * ``torch.cuda.{get_rng_state,set_rng_state,manual_seed}`` -> CPU generator
@@ -50,6 +50,7 @@ PATCHED_MODULES = {
     "megatron.core.tensor_parallel.mappings": "torch.cuda.current_device()",  # QKV gather when groups < TP ranks
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "torch.cuda.current_device()",
     "megatron.core.transformer.dot_product_attention": "torch.cuda.current_device()",
+    "megatron.core.transformer.moe.router": "torch.cuda.current_device()",  # TopKRouter.gating moves its weight
     "megatron.core.transformer.utils": "device=\"cuda\"",
     "megatron.core.pipeline_parallel.schedules": "device=\"cuda\"",
     "megatron.core.pipeline_parallel.p2p_communication": "torch.cuda.current_device()",
@@ -160,9 +161,20 @@ def needed() -> bool:
     return not torch.cuda.is_available()
 
 
+def define_missing_te_gemm() -> None:
+    """megatron-core 0.16.1's MoE router gating (``RouterGatingLinearFunction``, moe_utils.py:1192) tests
+    ``te_general_gemm is not None``, but without Transformer Engine the name is never bound (NameError).
+    Bind it to None so the torch.mm path runs; needed with or without CUDA, whenever TE is absent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> bool:
     """Install the CPU shims once; returns whether they are active."""
     global _applied
+    define_missing_te_gemm()
     if _applied or not needed():
         return _applied
     proxy = _CpuTorch()

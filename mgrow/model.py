@@ -27,7 +27,8 @@ def build_gpt(cfg: ModelConfig, seed: int = 1234, init: Optional[dict] = None, i
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = cfg.transformer_config(tp, pp)
-    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -38,7 +39,7 @@ def build_gpt(cfg: ModelConfig, seed: int = 1234, init: Optional[dict] = None, i
     if cfg.bf16:
         model.bfloat16()  # params_dtype reaches the linear layers only; megatron's Float16Module casts the norms too
     if initialize:
-        load_full_tensors(model, cfg, init if init is not None else _CanonicalInit(cfg, seed))
+        load_full_tensors(model, cfg, init if init is not None else CanonicalInit(cfg, seed))
     return model
 
 
@@ -103,7 +104,7 @@ def gather_full_tensors(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return merged
 
 
-class _CanonicalInit:
+class CanonicalInit:
     """Megatron's init rules with one generator per global tensor name.
 
     Linear and embedding weights ~ N(0, std); linear_proj / linear_fc2 weights

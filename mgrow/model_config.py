@@ -17,6 +17,7 @@ from mgrow.errors import ConfigError
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     bf16: bool = False  # bf16 parameters and activations; the optimizers keep fp32 master weights
+    # Mixture of experts (megatron-core names). None: a dense MLP. Every expert has ffn_hidden_size units.
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_pre_softmax: bool = False  # False: softmax over the top-k logits, so the k weights sum to 1
+    moe_aux_loss_coeff: float = 0.0  # > 0: megatron's "aux_loss" load balancing with this coefficient
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -93,6 +100,37 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", "must be in [0, 1)")
+        if self.num_moe_experts is not None:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        _positive_int("model.num_moe_experts", self.num_moe_experts)
+        _positive_int("model.moe_router_topk", self.moe_router_topk)
+        if self.moe_router_topk > self.num_moe_experts:
+            raise ConfigError("model.moe_router_topk",
+                              f"{self.moe_router_topk} exceeds num_moe_experts {self.num_moe_experts}")
+        _one_of("model.moe_router_score_function", self.moe_router_score_function, MOE_SCORE_FUNCTIONS)
+        if not isinstance(self.moe_router_pre_softmax, bool):
+            raise ConfigError("model.moe_router_pre_softmax", f"must be true or false, got {self.moe_router_pre_softmax!r}")
+        if (self.moe_router_topk == 1 and self.moe_router_score_function == "softmax"
+                and not self.moe_router_pre_softmax):
+            # megatron-core refuses it: a softmax over one logit is 1 and has no gradient for the router
+            raise ConfigError("model.moe_router_topk", "1 with the softmax score function needs "
+                                                       "moe_router_pre_softmax: true")
+        if isinstance(self.moe_aux_loss_coeff, bool) or not isinstance(self.moe_aux_loss_coeff, (int, float)) \
+                or self.moe_aux_loss_coeff < 0:
+            raise ConfigError("model.moe_aux_loss_coeff", f"must be a number >= 0, got {self.moe_aux_loss_coeff!r}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    @property
+    def normalised_routing(self) -> bool:
+        """Whether the top-k routing weights of every token sum to 1 (then identical experts act as one MLP)."""
+        if self.moe_router_score_function == "sigmoid":
+            return self.moe_router_topk > 1  # megatron divides the k sigmoid scores by their sum
+        return not self.moe_router_pre_softmax or self.moe_router_topk == self.num_moe_experts
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -136,6 +174,8 @@ class ModelConfig:
         fc1_out = 2 * p if self.gated_linear_unit else p
         attn = (E + 2 * G) * k * (h + b) + E * k * h + b * h
         mlp = fc1_out * (h + b) + p * h + b * h
+        if self.is_moe:
+            mlp = self.num_moe_experts * (mlp + h + b)  # experts, and the router's [E, h] weight (and bias)
         layer = norm + attn + qk_norm + norm + mlp
         embed = V * h + (self.max_sequence_length * h if self.position_embedding_type == "learned_absolute" else 0)
         output = 0 if self.share_embeddings_and_output_weights else V * h
@@ -167,6 +207,9 @@ class ModelConfig:
             raise ConfigError(
                 "model.num_layers", f"{self.num_layers} layers must be divisible by pipeline parallel size {pp}"
             )
+        if self.is_moe and self.add_bias_linear and tp > 1:
+            raise ConfigError("model.add_bias_linear", "megatron-core's MoE experts have biases only when the "
+                                                       f"experts are not tensor parallel; tp = {tp}")
 
     def transformer_config(self, tp: int = 1, pp: int = 1, **overrides):
         """The megatron-core ``TransformerConfig`` for this model at TP=tp, PP=pp (CPU friendly)."""
@@ -208,8 +251,29 @@ class ModelConfig:
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
         )
+        if self.is_moe:
+            values.update(self._moe_keys())
         values.update(overrides)
         return TransformerConfig(**values)
+
+    def _moe_keys(self) -> dict:
+        """megatron-core MoE settings: expert parallel 1, experts as wide as ffn_hidden_size, no token
+        dropping (no capacity factor), no z-loss, no input jitter; load balancing by megatron's aux loss
+        only when moe_aux_loss_coeff > 0 (it changes the router's gradients, never the forward output)."""
+        return dict(
+            num_moe_experts=self.num_moe_experts,
+            moe_ffn_hidden_size=self.ffn_hidden_size,
+            moe_router_topk=self.moe_router_topk,
+            moe_router_score_function=self.moe_router_score_function,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_router_load_balancing_type="aux_loss" if self.moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=float(self.moe_aux_loss_coeff),
+            moe_z_loss_coeff=None,
+            moe_input_jitter_eps=None,
+            moe_expert_capacity_factor=None,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+        )
 
     def gpt_model_kwargs(self) -> dict:
         return dict(

@@ -71,6 +71,9 @@ class Plan:
 
         Raises ConfigError (field ``ops[i].op.key``) for the first impossible target; touches no tensor.
         """
+        if cfg.is_moe:
+            raise ConfigError("model.num_moe_experts", f"the growth operators grow dense models only; this model "
+                                                       f"has {cfg.num_moe_experts} MoE experts")
         out = []
         for index, op in enumerate(self.ops):
             with _field_prefix(f"ops[{index}]."):

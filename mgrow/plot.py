@@ -39,7 +39,14 @@ def plot_loss(metrics_path: str, out_path: str, title: str = "") -> str:
                     xytext=(6, 0), textcoords="offset points", fontsize=8, color="tab:red")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per byte)")
-    ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+    return save_figure(fig, ax, title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))), out_path)
+
+
+def save_figure(fig, ax, title: str, out_path: str) -> str:
+    """Title, grid and legend on ``ax``; ``fig`` written to ``out_path`` (PNG) and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -5,6 +5,7 @@ that nothing on disk changed. The README's "When things go wrong" table is this 
 """
 
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ CASES = [
          plan_event({"ops": [{"hidden": {"hidden_size": 48, "method": "replicate"}}]})),
     Case("plan file missing", "growth[0].plan: plan file /nonexistent/plan.yaml does not exist",
          plan_event("/nonexistent/plan.yaml")),
+    Case("growth mask: unknown key", "growth[0].mask.step: unknown key; mask takes steps",
+         {"growth": [{"at_step": 2, "plan": GOOD_PLAN, "mask": {"step": 10}}]}),
     Case("plan for another model", "--plan {tmp}/other.yaml: ops[0].hidden.hidden_size: must be >= 32 (the hidden width cannot "
          "shrink), got 16 (checkpoint {ckpt}/step_00000002)",
          argv=("grow-checkpoint", "--in", "{ckpt}", "--plan", "{tmp}/other.yaml", "--out", "{tmp}/out"),
@@ -84,6 +87,12 @@ CASES = [
          {"data": {"path": "/nonexistent/corpus", "sources": []}}),
     Case("unknown W&B mode", "wandb.mode: must be one of offline | online | disabled", {"wandb": {"mode": "cloud"}}),
     Case("negative checkpoint interval", "checkpoint.interval: must be >= 0", {"checkpoint": {"interval": -1}}),
+    Case("transfer: unknown component", "transfer.components[1]: must be one of embeddings | norms | mlp | "
+         "output_layer | attention | attention_output, got 'attn'",
+         {"transfer": {"from": "{ckpt}", "components": ["embeddings", "attn"]}}),
+    Case("transfer: a component the models do not share", "transfer.components[0]: the checkpoint's model has "
+         "ffn_hidden_size = 64, the model being trained 96: they must agree",
+         {"model": {"ffn_hidden_size": 96}, "transfer": {"from": "{ckpt}", "components": ["mlp"]}}),
     # CLI flags
     Case("config file missing", "--config: config file /nonexistent.yaml does not exist",
          argv=("train", "--config", "/nonexistent.yaml")),
@@ -97,6 +106,10 @@ CASES = [
          {"checkpoint": {"load": "{ckpt}"}}, env={"corrupt": "mgrow.json"}),
     Case("latest names a missing step", "{ckpt}/latest: names step_00000009, which is not there", {"checkpoint": {"load": "{ckpt}"}},
          env={"corrupt": "latest"}),
+    Case("fuse: two models of different configs", "--b: model.hidden_size: fusion needs two models of one config: "
+         "48 here, 32 in the first model",
+         argv=("fuse", "--a", "{ckpt}", "--b", "{tmp}/other_ckpt", "--out", "{tmp}/fused"),
+         env={"corrupt": "other model"}),
     Case("checkpoint to load does not exist", "checkpoint.load: /nonexistent/ckpt does not exist",
          {"checkpoint": {"load": "/nonexistent/ckpt"}}),
     # launcher environment
@@ -140,6 +153,12 @@ def test_a_bad_input_is_refused_with_its_field_on_every_rank(case, tmp_path, che
     shutil.copytree(checkpoint, ckpt)
     if case.env.get("corrupt") == "mgrow.json":
         (ckpt / "step_00000002" / "mgrow.json").write_text("{ not json")
+    if case.env.get("corrupt") == "other model":  # a copy whose metadata holds a wider model
+        shutil.copytree(checkpoint, tmp_path / "other_ckpt")
+        metadata_path = tmp_path / "other_ckpt" / "step_00000002" / "mgrow.json"
+        metadata = json.loads(metadata_path.read_text())
+        metadata["model"]["hidden_size"] = 48
+        metadata_path.write_text(json.dumps(metadata))
     if case.env.get("corrupt") == "latest":
         (ckpt / "latest").write_text("step_00000009")
     (tmp_path / "other.yaml").write_text(yaml.safe_dump({"ops": [{"hidden": {"hidden_size": 16}}]}))

@@ -27,3 +27,4 @@ def test_bench_growth_reports_growth_roundtrip_floor_and_throughput():
     assert abs(sum(parts.values()) - result["roundtrip_seconds"]) < 1e-6 and min(parts.values()) > 0
     assert result["growth_seconds"] > 0 and result["memcpy_floor_seconds"] > 0
     assert result["grown_tokens_per_second"] > 0 and result["fresh_tokens_per_second"] > 0
+    assert result["throughput_steps"] == 2 and result["throughput_ratio_median_step"] > 0

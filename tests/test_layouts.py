@@ -44,6 +44,8 @@ LAYOUT_MODELS = [
          share_embeddings_and_output_weights=True),
     dict(qk_layernorm=True, num_query_groups=2, kv_channels=6),
     dict(qk_layernorm=True, normalization="RMSNorm", activation="swiglu"),
+    dict(num_moe_experts=3, moe_router_topk=2),  # MoE: experts with biases, a router with a bias
+    dict(num_moe_experts=2, moe_router_topk=2, normalization="RMSNorm", activation="swiglu", add_bias_linear=False),
 ]
 
 

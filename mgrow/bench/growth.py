@@ -13,7 +13,8 @@ on the same ranks and the same plan:
   the new) over the memcpy bandwidth measured in the same process; a copy of n
   bytes reads n and writes n, so floor = (before + after) / (2 * bandwidth);
 * ``throughput_ratio``: tokens/s of the grown engine over a freshly built
-  engine of the same size, timed alternately in the same job.
+  engine of the same size, timed alternately in the same job (one step each
+  in turn), and ``throughput_ratio_median_step`` from their median step times.
 
 Rank 0 prints one JSON line; ``--profile FILE`` writes its cProfile of the in-memory growth.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import cProfile
 import json
 import pstats
+import statistics
 import tempfile
 import time
 from typing import Optional
@@ -115,7 +117,7 @@ def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_ste
 
     engine.destroy()
     fresh = build_engine(build_gpt(grown_cfg.model, seed=seed + 1), grown_cfg, layout.dp)
-    grown_tps, fresh_tps = _alternate_throughput(grown, fresh, RandomBatches(grown_cfg, seed), throughput_steps)
+    grown_tps, fresh_tps, median_ratio = _alternate_throughput(grown, fresh, RandomBatches(grown_cfg, seed), throughput_steps)
 
     floor = (_max(before) + _max(after)) / (2 * _min(bandwidth))
     result = {
@@ -136,18 +138,20 @@ def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_ste
         "grown_tokens_per_second": grown_tps,
         "fresh_tokens_per_second": fresh_tps,
         "throughput_ratio": grown_tps / fresh_tps,
+        "throughput_ratio_median_step": median_ratio,
+        "throughput_steps": throughput_steps,
     }
     if layout.rank == 0:
         print(json.dumps(result), flush=True)
     return 0
 
 
-def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, float]:
-    """Training tokens/s of two engines of one size, one step each in turn (the machine's noise hits both)."""
+def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, float, float]:
+    """Training tokens/s of two engines of one size, one step each in turn (the machine's noise hits both),
+    and the ratio of their median step times (grown over fresh tokens/s), which one slow step cannot move."""
     from mgrow.train.engines import global_mean_loss
 
-    seconds = {"grown": 0.0, "fresh": 0.0}
-    tokens = 0
+    seconds: dict[str, list[float]] = {"grown": [], "fresh": []}
     for step in range(steps + 1):
         batch = batches(step)
         for name, engine in (("grown", grown), ("fresh", fresh)):
@@ -155,10 +159,11 @@ def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, flo
             start = time.perf_counter()
             global_mean_loss(engine.train_step(batch))  # ends when the step has on every rank
             if step > 0:  # the first step of each warms allocators
-                seconds[name] += time.perf_counter() - start
-        if step > 0:
-            tokens += batches.gbs * batches.seq
-    return tokens / _max(seconds["grown"]), tokens / _max(seconds["fresh"])
+                seconds[name].append(time.perf_counter() - start)
+    slowest = {name: [max(per_rank) for per_rank in zip(*_gather(times))] for name, times in seconds.items()}
+    tokens = steps * batches.gbs * batches.seq
+    median_ratio = statistics.median(slowest["fresh"]) / statistics.median(slowest["grown"])
+    return tokens / sum(slowest["grown"]), tokens / sum(slowest["fresh"]), median_ratio
 
 
 def _same_on_every_rank(path: str) -> str:

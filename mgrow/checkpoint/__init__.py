@@ -45,6 +45,8 @@ class Progress:
     growth_applied: int = 0  # events of the config's growth schedule applied so far
     rewarm: Optional[tuple] = None  # (start step, length) of an LR re-warm in progress
     history: list = field(default_factory=list)  # every growth so far: {step, plan, source: schedule|offline}
+    # a masked growth's ramp in progress: {start, steps, plan, model (before the event)}; resume rebuilds its hooks
+    mask_ramp: Optional[dict] = None
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "Progress":

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from mgrow import faults
 from mgrow.errors import ConfigError
+from mgrow.growth.masks import GrowthMasks, free_masked_entries
 from mgrow.growth.shards import Grid, gather_tp, move_between_stages, shard_rows, source_stage, take_shard
 from mgrow.layouts import megatron as layout_table
 from mgrow.layouts.optimizer_state import MOMENTS
@@ -51,10 +52,11 @@ class GrowthReport:
     growth_seconds: float
     max_abs_logit_diff: Optional[float]  # on the check batch, None without one
     plan: dict
+    masks: Optional[object] = None  # masked growth: this rank's GrowthMasks (mgrow.growth.masks), at m = 0
 
 
 def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
-         optimizer_state: str = "keep"):
+         optimizer_state: str = "keep", masked: bool = False):
     """Grow ``engine`` (a training config ``cfg``) by ``plan``; returns (new engine, new config, report).
 
     ``cfg`` may carry new batch sizes: the new engine is built with them.
@@ -63,6 +65,8 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
     usable (tests compare against it); otherwise it is destroyed once growth has
     succeeded. ``optimizer_state``: ``keep`` carries Adam's moments and step
     through the index maps, ``reset`` starts a fresh Adam on the grown model.
+    ``masked``: masked structural growth (:mod:`mgrow.growth.masks`): every new entry a mask covers is drawn
+    at random, and the report's ``masks`` (hooks on the new model at m = 0) keep the function.
     """
     from mgrow.train.engines import build_engine
 
@@ -83,7 +87,7 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
     new_engine = None
     try:
         new_model = agree.run("build", lambda: build_gpt(grown, initialize=False))
-        mover = _Mover(steps, plan.free_values(cfg.model), cfg.model, grid, agree)
+        mover = _Mover(steps, plan.free_values(cfg.model), cfg.model, grid, agree, masked)
         mover.weights(engine, new_model)
         rng_state.restore()  # building consumed random numbers; training continues on the same stream
         new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, _dp()))
@@ -92,6 +96,9 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
         if optimizer_state == "keep":
             mover.moments(engine, new_engine)
         _carry_schedule(engine, new_engine)
+        if masked:
+            growth_masks = agree.run("masks", lambda: GrowthMasks.install(
+                new_engine.module, steps, cfg.model, plan.free_values(cfg.model)))
     except BaseException:
         if new_engine is not None:
             new_engine.destroy()
@@ -103,15 +110,18 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
         diff = _max_abs_diff(before, new_engine.logits(check_tokens))
     if not keep_old:
         engine.destroy()
-    report = GrowthReport(cfg.model.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict())
+    report = GrowthReport(cfg.model.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
+                          growth_masks if masked else None)
     return new_engine, new_cfg, report
 
 
 class _Mover:
     """The two passes over the grown model's parameters (global names, one fixed order on every rank)."""
 
-    def __init__(self, steps, values, old_cfg, grid: Grid, agree: "_Agreement"):
+    def __init__(self, steps, values, old_cfg, grid: Grid, agree: "_Agreement", masked: bool = False):
         self.steps, self.values, self.grid, self.agree = steps, values, grid, agree
+        # masked growth draws the masked new entries from their own stream, after the plan's operators'
+        self.mask_values = values.for_stream(len(steps)) if masked else None
         self.old_cfg, self.new_cfg = old_cfg, steps[-1].grown
         self.old_shapes = layout_table.parameter_shapes(old_cfg)
         self.new_shapes = layout_table.parameter_shapes(self.new_cfg)
@@ -157,6 +167,8 @@ class _Mover:
                     faults.growth_failure_point("weights", name)
                     faults.kill_point("growth", name)
                     tensor, tmap = grow_one(self.steps, self.values, name, full)
+                    if self.mask_values is not None:
+                        tensor = free_masked_entries(name, tensor, tmap, self.mask_values)
                     shard = self._my_shard(tensor, name, tmap)
                     with torch.no_grad():
                         new[name].copy_(shard)
@@ -177,7 +189,7 @@ class _Mover:
     def moments(self, engine, new_engine) -> None:
         """Adam moments, one moment of one parameter at a time (m and v follow the weight's index map)."""
         old_state, new_state = engine.optimizer_state(), new_engine.optimizer_state()
-        step = _agreed_step(old_state.step())
+        step = agreed_step(old_state.step())
         if step is None:  # no optimizer step taken yet: the new optimizer starts fresh too
             return
         new_state.init(step)
@@ -249,7 +261,7 @@ def _by_global_name(model) -> dict:
     return {name: param for _, name, param in global_names(model)}
 
 
-def _agreed_step(step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def agreed_step(step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The Adam step every rank continues from (a rank that owns no optimizer state has none of its own)."""
     value = torch.tensor([-1.0 if step is None else float(step)], dtype=torch.float64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)

@@ -29,6 +29,8 @@ class TensorLayout:
 
 
 LAYER = r"decoder\.layers\.\d+\."
+# A dense MLP, or one expert of an MoE layer (expert parallel 1: local expert j is global expert j).
+MLP = r"mlp\.(experts\.local_experts\.\d+\.)?"
 TABLE = (
     TensorLayout(r"embedding\.word_embeddings\.weight", 0, role="vocab-parallel embedding [V, h]"),
     TensorLayout(r"embedding\.position_embeddings\.weight", None, role="learned positions [S, h]"),
@@ -40,15 +42,16 @@ TABLE = (
     TensorLayout(LAYER + r"self_attention\.linear_proj\.weight", 1, role="attention output [h, E*k]"),
     TensorLayout(LAYER + r"self_attention\.linear_proj\.bias", None, role="attention output bias [h]"),
     TensorLayout(LAYER + r"pre_mlp_layernorm\.(weight|bias)", None, role="pre-MLP norm [h]"),
-    TensorLayout(LAYER + r"mlp\.linear_fc1\.weight", 0, role="MLP in [p or 2p (gate; up), h]"),
-    TensorLayout(LAYER + r"mlp\.linear_fc1\.bias", 0, role="MLP in bias"),
-    TensorLayout(LAYER + r"mlp\.linear_fc2\.weight", 1, role="MLP out [h, p]"),
-    TensorLayout(LAYER + r"mlp\.linear_fc2\.bias", None, role="MLP out bias [h]"),
+    TensorLayout(LAYER + MLP + r"linear_fc1\.weight", 0, role="MLP (or expert) in [p or 2p (gate; up), h]"),
+    TensorLayout(LAYER + MLP + r"linear_fc1\.bias", 0, role="MLP (or expert) in bias"),
+    TensorLayout(LAYER + MLP + r"linear_fc2\.weight", 1, role="MLP (or expert) out [h, p]"),
+    TensorLayout(LAYER + MLP + r"linear_fc2\.bias", None, role="MLP (or expert) out bias [h]"),
+    TensorLayout(LAYER + r"mlp\.router\.(weight|bias)", None, role="MoE router [E, h] (fp32), bias [E]"),
     TensorLayout(r"decoder\.final_layernorm\.(weight|bias)", None, role="final norm [h]"),
     TensorLayout(r"output_layer\.weight", 0, role="vocab-parallel output layer [V, h]"),
 )
 _COMPILED = tuple((re.compile(row.pattern + "$"), row) for row in TABLE)
-_GATED_FC1 = re.compile(LAYER + r"mlp\.linear_fc1\.(weight|bias)$")
+_GATED_FC1 = re.compile(LAYER + MLP + r"linear_fc1\.(weight|bias)$")
 _LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -111,9 +114,14 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         for which in ("q", "k"):
             per_layer.update({f"self_attention.{which}_layernorm.{n}": (k,) for n in norm})
     per_layer.update({f"pre_mlp_layernorm.{n}": (h,) for n in norm})
-    for part, rows, cols in (("linear_fc1", fc1_rows, h), ("linear_fc2", h, p)):
-        for n in linear:
-            per_layer[f"mlp.{part}.{n}"] = (rows, cols) if n == "weight" else (rows,)
+    experts = [f"mlp.experts.local_experts.{j}." for j in range(cfg.num_moe_experts)] if cfg.is_moe else ["mlp."]
+    for prefix in experts:
+        for part, rows, cols in (("linear_fc1", fc1_rows, h), ("linear_fc2", h, p)):
+            for n in linear:
+                per_layer[f"{prefix}{part}.{n}"] = (rows, cols) if n == "weight" else (rows,)
+    if cfg.is_moe:
+        per_layer.update({f"mlp.router.{n}": (cfg.num_moe_experts, h) if n == "weight" else (cfg.num_moe_experts,)
+                          for n in linear})
 
     shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (V, h)}
     if cfg.position_embedding_type == "learned_absolute":

@@ -19,6 +19,8 @@ from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
 from mgrow.train import schedule
 from mgrow.train.metrics import WANDB_MODES, WandbConfig
+from mgrow.transfer import config as transfer_config
+from mgrow.transfer.config import TransferConfig
 
 OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
 
@@ -60,6 +62,7 @@ class TrainLoopConfig:
     eval_batches: int = 2
     progress: bool = True
     metrics_path: Optional[str] = None  # rank 0 appends one JSON line per step / evaluation
+    init: str = "random"  # explicit: embedding and output layer of a fresh run from bigram statistics (mgrow/warm_start.py)
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,14 @@ class TrainConfig:
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
     growth: tuple = ()  # GrowthEvent, in order (mgrow.train.schedule)
     wandb: Optional[WandbConfig] = None  # None: no W&B run
+    transfer: Optional[TransferConfig] = None  # None: no cross-architecture transfer (mgrow.transfer)
 
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
         out["model"] = self.model.to_dict()
         out["deepspeed"] = dict(self.deepspeed)
         out["wandb"] = None if self.wandb is None else dataclasses.asdict(self.wandb)
+        out["transfer"] = None if self.transfer is None else self.transfer.to_dict()
         out["growth"] = [{**{k: v for k, v in dataclasses.asdict(e).items() if k != "plan" and v is not None},
                           "plan": e.plan.to_dict()} for e in self.growth]
         return out
@@ -159,6 +164,9 @@ def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:
         raise ConfigError(name, f"must be of type {expected.__name__}, got {value!r}")
 
 
+INITS = ("random", "explicit")
+
+
 def _validate(cfg: TrainConfig) -> None:
     o, t = cfg.optimizer, cfg.train
     if o.type not in OPTIMIZERS:
@@ -166,6 +174,8 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ("steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval", "eval_batches"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}", "must be >= 1")
+    if t.init not in INITS:
+        raise ConfigError("train.init", f"must be one of {' | '.join(INITS)}, got {t.init!r}")
     if t.seq_length > cfg.model.max_sequence_length:
         raise ConfigError(
             "train.seq_length", f"{t.seq_length} exceeds model.max_sequence_length {cfg.model.max_sequence_length}"
@@ -195,6 +205,11 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.model.vocab_size < 256:
         raise ConfigError("model.vocab_size", f"the byte-level corpus needs >= 256 tokens, got {cfg.model.vocab_size}")
     cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.pp)
+    if cfg.model.is_moe and cfg.parallel.tp > 1:
+        # megatron's MoE layer trains at TP > 1 only with sequence parallelism, which the local spec's
+        # torch norms (WrappedTorchNorm, no Apex / Transformer Engine) refuse
+        raise ConfigError("parallel.tp", f"MoE models train at tp = 1 here (megatron-core needs sequence "
+                                         f"parallelism for MoE with tensor parallelism); got {cfg.parallel.tp}")
     if not cfg.data.sources:
         from mgrow.data import check_corpus
 
@@ -220,7 +235,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a YAML mapping")
-    known = set(_SECTIONS) | {"model", "deepspeed", "growth", "wandb"}
+    known = set(_SECTIONS) | {"model", "deepspeed", "growth", "wandb", "transfer"}
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown section; known sections: {', '.join(sorted(known))}")
@@ -242,7 +257,8 @@ def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     wandb = None if raw.get("wandb") is None else _section(WandbConfig, raw["wandb"], "wandb")
     if wandb is not None and wandb.mode not in WANDB_MODES:
         raise ConfigError("wandb.mode", f"must be one of {' | '.join(WANDB_MODES)}, got {wandb.mode!r}")
-    cfg = TrainConfig(model=model, deepspeed=deepspeed, growth=growth, wandb=wandb, **sections)
+    transfer = transfer_config.parse(raw.get("transfer"), model, parallel.tp, parallel.pp, bool(growth))
+    cfg = TrainConfig(model=model, deepspeed=deepspeed, growth=growth, wandb=wandb, transfer=transfer, **sections)
     _validate(cfg)
     return cfg
 

@@ -83,22 +83,21 @@ class MegatronEngine:
             module=model,
         )
         o = cfg.optimizer
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.beta1,
-                adam_beta2=o.beta2,
-                adam_eps=o.eps,
-                clip_grad=o.clip_grad,
-                use_distributed_optimizer=distributed,
-                bf16=cfg.model.bf16,  # fp32 main params: Float16OptimizerWithFloat16Params / DistributedOptimizer
-                params_dtype=cfg.model.dtype,
-            ),
-            [self.ddp],
+        optimizer_config = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            use_distributed_optimizer=distributed,
+            bf16=cfg.model.bf16,  # fp32 main params: Float16OptimizerWithFloat16Params / DistributedOptimizer
+            params_dtype=cfg.model.dtype,
         )
+        self.optimizer = get_megatron_optimizer(optimizer_config, [self.ddp],
+                                                config_overrides=_frozen_overrides(cfg, optimizer_config))
         self.scheduler = _scheduler(self.optimizer, cfg)
         tconfig.finalize_model_grads_func = finalize_model_grads
         tconfig.no_sync_func = self.ddp.no_sync
@@ -157,6 +156,27 @@ class MegatronEngine:
         pass  # nothing outside Python's reach: the buffers go with the last reference
 
 
+def _freezing(cfg: TrainConfig) -> bool:
+    return getattr(cfg, "transfer", None) is not None and cfg.transfer.freeze
+
+
+def _frozen_overrides(cfg: TrainConfig, optimizer_config):
+    """None (megatron's standard param groups) unless transferred parameters are to be frozen."""
+    if not _freezing(cfg):
+        return None
+    from mgrow.transfer.freeze import megatron_overrides
+
+    return megatron_overrides(optimizer_config)
+
+
+def _frozen_groups(cfg: TrainConfig, groups: list[dict]) -> list[dict]:
+    if not _freezing(cfg):
+        return groups
+    from mgrow.transfer.freeze import split_groups
+
+    return split_groups(groups)
+
+
 def _scale_lr(engine, factor: float) -> None:
     """The scheduled LR of the coming step times ``factor`` (re-warming after a growth event)."""
     engine.scheduler.step(increment=0)
@@ -208,7 +228,8 @@ class DeepSpeedEngine:
             # DeepSpeed's own W&B monitor calls wandb.init without a mode: offline unless the user says online.
             os.environ.setdefault("WANDB_MODE", cfg.wandb.mode if cfg.wandb is not None else "offline")
         optimizer = torch.optim.AdamW(
-            _decay_groups(model), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+            _frozen_groups(cfg, _decay_groups(model)), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            weight_decay=o.weight_decay,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp), mpu=ds_mpu

@@ -9,13 +9,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mgrow import faults
+from mgrow import faults, transfer
 from mgrow.data import TokenWindows, ensure_corpus
+from mgrow.errors import ConfigError
+from mgrow.growth.masks import GrowthMasks, MaskRamp
 from mgrow.model import build_gpt
 from mgrow.runtime import Layout, init_distributed
 from mgrow.train.config import TrainConfig
 from mgrow.train.engines import build_engine, global_mean_loss
 from mgrow.train.metrics import RunLog
+from mgrow.transfer.freeze import rule_for_run
 
 
 @dataclass
@@ -71,10 +74,18 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
     # Before the engine: DeepSpeed's own W&B monitor then logs into this run instead of starting one in cwd.
     metrics = (RunLog(t.metrics_path, cfg.wandb, cfg.to_dict(), append=resume is not None) if leader
                else RunLog(None, None, {}))
-    model = build_gpt(cfg.model, seed=t.seed)
+    init = None
+    if t.init == "explicit" and resume is None:
+        from mgrow.warm_start import explicit_init
+
+        init = explicit_init(cfg.model, t.seed, cfg.data.path)
+    model = build_gpt(cfg.model, seed=t.seed, init=init)
+    transferred = None if cfg.transfer is None else transfer.prepare(
+        model, cfg, resume is not None, valid_batches(0)[0][:, :-1].contiguous())
     engine = build_engine(model, cfg, dp)
     if resume is not None:
         checkpoint.load(engine, resume)
+    unfreeze_rule = rule_for_run(engine, cfg)
     if leader:
         log(
             f"mgrow: {cfg.model.num_parameters():,} parameters | tp={layout.tp} pp={layout.pp} dp={layout.dp} "
@@ -83,16 +94,32 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
         if resume is not None:
             log(f"mgrow: resumed from {resume.folder} at step {progress.step} "
                 f"({progress.growth_applied} growth events applied)")
+        if transferred is not None:
+            log(f"mgrow: transferred {transferred['tensors']} tensors ({', '.join(transferred['components'])}) "
+                f"from {transferred['source']}{' (frozen)' if transferred['frozen'] else ''}; max-abs logit "
+                f"difference to its model {transferred['max_abs_logit_diff']}")
+    if transferred is not None:
+        metrics.write(**transferred)
     progress_bar = _progress(t.steps, progress.step) if leader and t.progress else None
     result = TrainResult()
     events = list(cfg.growth)[progress.growth_applied:]
     held = valid_batches(0)  # the held batch every growth event is checked on
+    ramp = _resume_mask_ramp(engine, progress.mask_ramp)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(progress.step, t.steps):
         tokens_done = train_batches.start(step) * t.seq_length
         while events and events[0].due(step, tokens_done):
             event = events.pop(0)
-            engine, cfg, record = grow_at(event, engine, cfg, held, step, tokens_done)
+            if ramp is not None:
+                raise ConfigError(f"growth[{progress.growth_applied}]", f"due at step {step}, inside the mask ramp "
+                                  f"of the previous event (steps {ramp.start}..{ramp.start + ramp.steps}); "
+                                  "schedule it after the ramp")
+            old_model = cfg.model
+            engine, cfg, record, masks = grow_at(event, engine, cfg, held, step, tokens_done)
+            if masks is not None:
+                ramp = MaskRamp(masks, step, event.mask.steps)
+                progress.mask_ramp = {"start": step, "steps": event.mask.steps, "plan": record["plan"],
+                                      "model": old_model.to_dict()}
             train_batches = Batches(train_batches.windows, cfg, layout, step, train_batches.start(step))
             t = cfg.train
             progress.growth_applied += 1
@@ -108,10 +135,22 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
             since, length = step - progress.rewarm[0], progress.rewarm[1]
             engine.scale_lr(min(1.0, (since + 1) / length))
             progress.rewarm = progress.rewarm if since + 1 < length else None
+        mask = None
+        if ramp is not None:
+            mask = ramp.before_step(step)
+            if ramp.done:
+                ramp, progress.mask_ramp = None, None
         faults.kill_point("train", step + 1)
         loss = global_mean_loss(engine.train_step(train_batches(step)))
         progress.step = step + 1
         result.losses.append(loss)
+        unfrozen = unfreeze_rule.after_step(engine, step + 1, loss) if unfreeze_rule is not None else None
+        if unfrozen is not None:
+            unfreeze_rule = None
+            metrics.write(**unfrozen)
+            if leader:
+                log(f"step {step + 1:>5}/{t.steps} | unfroze the transferred weights (mean loss over "
+                    f"{unfrozen['window']} steps improved by {unfrozen['loss_improvement']:.4f})")
         window_steps += 1
         if progress_bar:
             progress_bar.update(1)
@@ -121,7 +160,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
             elapsed = time.perf_counter() - window_start
             result.tokens_per_second = window_steps * t.global_batch_size * t.seq_length / elapsed
         metrics.write(step=step + 1, loss=loss, lr=engine.lr(), tokens=train_batches.start(step + 1) * t.seq_length,
-                      params=cfg.model.num_parameters(),
+                      params=cfg.model.num_parameters(), **({"mask": mask} if mask is not None else {}),
                       **({"tokens_per_second": result.tokens_per_second} if logged else {}))
         if logged:
             if leader:
@@ -169,8 +208,22 @@ def _save_due(cfg: TrainConfig, steps_done: int) -> bool:
     return steps_done == cfg.train.steps or bool(c.interval and steps_done % c.interval == 0)
 
 
+def _resume_mask_ramp(engine, saved):
+    """The mask ramp a checkpoint was saved in (None: none): its hooks rebuilt from the event's plan and the
+    model before it; the masked weights themselves are in the checkpoint."""
+    if saved is None:
+        return None
+    from mgrow.model_config import ModelConfig
+    from mgrow.plan import load_plan
+
+    plan, old = load_plan(saved["plan"]), ModelConfig.from_dict(saved["model"])
+    masks = GrowthMasks.install(engine.module, plan.steps(old), old, plan.free_values(old))
+    return MaskRamp(masks, saved["start"], saved["steps"])
+
+
 def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int, tokens: int):
-    """Apply one growth event; (new engine, new config, the event's metrics record)."""
+    """Apply one growth event; (new engine, new config, the event's metrics record, the mask hooks of a
+    masked event at m = 0 or None)."""
     import dataclasses
 
     from mgrow import rss
@@ -180,14 +233,15 @@ def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int
     before = global_mean_loss(engine.eval_step(held))
     event_cfg = dataclasses.replace(cfg, train=with_batch(cfg.train, event))
     engine, new_cfg, report = grow(engine, event_cfg, event.plan, check_tokens=held[0][:, :-1].contiguous(),
-                                   optimizer_state=event.optimizer_state)
+                                   optimizer_state=event.optimizer_state, masked=event.mask is not None)
     after = global_mean_loss(engine.eval_step(held))
     record = dict(event="growth", step=step, tokens=tokens, plan=report.plan, params_before=report.params_before,
                   params_after=report.params_after, max_abs_logit_diff=report.max_abs_logit_diff,
                   held_loss_before=before, held_loss_after=after, growth_seconds=report.growth_seconds,
                   peak_rss_bytes=rss.peak_process(), optimizer_state=event.optimizer_state,
-                  global_batch_size=new_cfg.train.global_batch_size)
-    return engine, new_cfg, record
+                  global_batch_size=new_cfg.train.global_batch_size,
+                  **({"mask_steps": event.mask.steps} if event.mask is not None else {}))
+    return engine, new_cfg, record, report.masks
 
 
 def evaluate(engine, batches: Batches, count: int) -> float:

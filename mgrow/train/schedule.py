@@ -8,6 +8,7 @@ growth:
     optimizer_state: keep        # keep (default): Adam moments follow the index maps | reset: fresh Adam
     micro_batch_size: 8          # optional: new batch sizes from this event on
     global_batch_size: 64
+    mask: {steps: 100}           # optional: masked growth (MSG): new units ramp in behind a mask over 100 steps
 ```
 
 Events are validated in order against the model as the earlier events grew it,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 OPTIMIZER_STATES = ("keep", "reset")
 _KEYS = ("at_step", "at_tokens", "plan", "lr_warmup_steps", "optimizer_state", "micro_batch_size",
-         "global_batch_size")
+         "global_batch_size", "mask")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class GrowthEvent:
     optimizer_state: str = "keep"
     micro_batch_size: Optional[int] = None
     global_batch_size: Optional[int] = None
+    mask: Optional[Any] = None  # a mgrow.growth.masks.MaskSpec: masked growth, m ramps 0 -> 1 over mask.steps
 
     def due(self, steps_done: int, tokens_done: int) -> bool:
         if self.at_step is not None:
@@ -68,6 +70,11 @@ def parse(raw: Any, model: ModelConfig, tp: int, pp: int) -> tuple[GrowthEvent, 
         if previous is not None and _trigger(event) <= _trigger(previous) and _kind(event) == _kind(previous):
             raise ConfigError(f"{where}.{_kind(event)}", f"events must come in order: {_trigger(event)} is not "
                                                          f"after the previous event's {_trigger(previous)}")
+        if (previous is not None and previous.mask is not None and _kind(event) == _kind(previous) == "at_step"
+                and event.at_step < previous.at_step + previous.mask.steps):
+            end = previous.at_step + previous.mask.steps
+            raise ConfigError(f"{where}.at_step", f"{event.at_step} is inside the mask ramp of growth[{index - 1}] "
+                                                  f"(steps {previous.at_step}..{end}); grow again at step >= {end}")
         events.append(event)
         previous, model = event, grown
     return tuple(events)
@@ -106,7 +113,12 @@ def _parse_event(where: str, entry: Any) -> GrowthEvent:
     for key in ("micro_batch_size", "global_batch_size"):
         if key in entry:
             _positive(f"{where}.{key}", entry[key], minimum=1)
-    return GrowthEvent(plan=plan, at_step=entry.get("at_step"), at_tokens=entry.get("at_tokens"),
+    mask = None
+    if "mask" in entry:
+        from mgrow.growth.masks import parse_mask
+
+        mask = parse_mask(f"{where}.mask", entry["mask"])
+    return GrowthEvent(plan=plan, at_step=entry.get("at_step"), at_tokens=entry.get("at_tokens"), mask=mask,
                        lr_warmup_steps=warmup, optimizer_state=state, micro_batch_size=entry.get("micro_batch_size"),
                        global_batch_size=entry.get("global_batch_size"))
 

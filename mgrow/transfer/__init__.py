@@ -1,0 +1,61 @@
+"""Cross-architecture transfer (XATL): start a model from the shared components of a trained GPT.
+
+``rules`` (the math on full tensors), ``shards`` (filling TP/PP shards from a
+checkpoint), ``freeze`` (frozen parameter groups and the unfreeze rule),
+``config`` (the ``transfer:`` section). :func:`apply` is what the training loop
+calls on a fresh run, before the optimizer exists.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def apply(model, cfg, check_tokens) -> dict:
+    """Collective: fill ``model`` (a fresh stage of ``cfg.model``) from ``cfg.transfer.source``; tag the copied
+    parameters for freezing. Returns the metrics record of the transfer."""
+    from mgrow.transfer import freeze, shards
+    from mgrow.transfer.config import checkpoint_folder
+
+    t = cfg.transfer
+    start = time.perf_counter()
+    folder = checkpoint_folder(t.source)
+    source = shards.load_source(folder, t.source_model, seed=cfg.train.seed)
+    names = shards.copy_shared(source, t.source_model, model, cfg.model, t.components)
+    if t.freeze:
+        freeze.mark(model, names)
+    diff = shards.max_logit_diff(source, model, check_tokens)
+    model.train()
+    del source
+    return dict(event="transfer", step=0, source=str(folder), components=list(t.components),
+                tensors=_count_all(len(names)), frozen=t.freeze, max_abs_logit_diff=diff,
+                transfer_seconds=time.perf_counter() - start)
+
+
+def prepare(model, cfg, resumed: bool, check_tokens):
+    """Before the engine is built: on a fresh run transfer (:func:`apply`, its record returned); on a resumed
+    run the weights come from the checkpoint, only the transferred parameters are tagged again (the
+    optimizer's frozen groups must be rebuilt as they were saved). None without a ``transfer`` section."""
+    from mgrow.model import global_names
+    from mgrow.transfer import freeze, rules
+
+    t = cfg.transfer
+    if t is None:
+        return None
+    if not resumed:
+        return apply(model, cfg, check_tokens)
+    if t.freeze:
+        freeze.mark(model, [name for _, name, _ in global_names(model)
+                            if rules.rule_for(name, t.components, t.source_model, cfg.model) is not None])
+    return None
+
+
+def _count_all(local: int) -> int:
+    """Transferred tensors over the pipeline stages (each stage counts its own once)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    count = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(count, group=ps.get_pipeline_model_parallel_group())
+    return int(count)
