@@ -97,12 +97,10 @@ def test_the_ramp_reaches_one_on_schedule_and_leaves_the_plain_model(single_rank
 
 
 
-SHARDED = [  # (optimizer, tp, pp, dp, model, plan): 2 ranks each
-    ("megatron", 2, 1, 1, RMS_SWIGLU, [{"mlp": {"ffn_hidden_size": 48}}, {"heads": {"num_attention_heads": 8}},
-                                    {"hidden": {"hidden_size": 40}}]),
+SHARDED = [  # (optimizer, tp, pp, dp, model, plan)
+    ("megatron", 2, 1, 2, RMS_SWIGLU, PLANS["all"]),  # TP shards and the DistributedOptimizer over DP 2
     ("adam", 1, 2, 1, LN_GELU, [{"hidden": {"hidden_size": 40}}, {"mlp": {"ffn_hidden_size": 48}},
                              {"layers": {"insert_before": [1], "num_layers": 4}}]),
-    ("megatron", 1, 1, 2, LN_GELU, PLANS["all"]),  # DistributedOptimizer over DP 2
 ]
 
 
