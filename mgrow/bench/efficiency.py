@@ -174,12 +174,22 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def train_run(config_path: str, log_path: str) -> None:
+def train_run(name: str, config: dict, out_dir: str, nproc: int | None = None) -> list[dict]:
+    """Train ``config`` as ``mgrow train`` (its YAML and log in ``out_dir/name.*``); its metrics records."""
+    from mgrow.plot import read_metrics
+
+    path, log_path = os.path.join(out_dir, f"{name}.yaml"), os.path.join(out_dir, f"{name}.log")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    metrics_path = config["train"]["metrics_path"]
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    command = [sys.executable, "-m", "mgrow.cli", "train", "--config", path, *(["--nproc", str(nproc)] if nproc else [])]
     with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-m", "mgrow.cli", "train", "--config", config_path],
-                              stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
-        raise RuntimeError(f"mgrow train --config {config_path} failed ({done.returncode}); see {log_path}")
+        raise RuntimeError(f"mgrow train --config {path} failed ({done.returncode}); see {log_path}")
+    return read_metrics(metrics_path)
 
 
 def _finished(metrics_path: str, steps: int) -> bool:
@@ -207,19 +217,14 @@ def command(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     curves, seconds = {}, {}
     for name in only:
-        path = os.path.join(args.out, f"{name}.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(configs[name], f, sort_keys=False)
         metrics_path = configs[name]["train"]["metrics_path"]
         if args.reuse and _finished(metrics_path, configs[name]["train"]["steps"]):
-            seconds[name] = None
+            seconds[name], records = None, read_metrics(metrics_path)
         else:
-            if os.path.exists(metrics_path):
-                os.remove(metrics_path)
             start = time.perf_counter()
-            train_run(path, os.path.join(args.out, f"{name}.log"))
+            records = train_run(name, configs[name], args.out)
             seconds[name] = time.perf_counter() - start
-        curves[name] = curve(configs[name], read_metrics(metrics_path))
+        curves[name] = curve(configs[name], records)
         took = "reused" if seconds[name] is None else f"done in {seconds[name]:.0f} s"
         print(f"mgrow bench efficiency: {name} {took}, final validation loss {curves[name].losses[-1]:.4f}",
               file=sys.stderr)

@@ -64,7 +64,6 @@ def configs(spec: dict, size: str, out: str) -> dict[str, dict]:
 
 
 def command(args) -> int:
-    from mgrow.plot import read_metrics
     from mgrow.train.config import from_dict
 
     spec = load_bench(args.study)
@@ -73,17 +72,7 @@ def command(args) -> int:
         from_dict({**cfg, "checkpoint": {}})  # every config checked before anything trains
     os.makedirs(args.out, exist_ok=True)
 
-    def train(name: str) -> list[dict]:
-        path = os.path.join(args.out, f"{name}.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(runs[name], f, sort_keys=False)
-        metrics_path = runs[name]["train"]["metrics_path"]
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        train_run(path, os.path.join(args.out, f"{name}.log"))
-        return read_metrics(metrics_path)
-
-    parents = {name: curve(runs[name], train(name)) for name in ("parent_a", "parent_b")}
+    parents = {name: curve(runs[name], train_run(name, runs[name], args.out)) for name in ("parent_a", "parent_b")}
     fuse = subprocess.run([sys.executable, "-m", "mgrow.cli", "fuse", "--a", runs["parent_a"]["checkpoint"]["save"],
                            "--b", runs["parent_b"]["checkpoint"]["save"], "--out", runs["fused"]["checkpoint"]["load"]],
                           capture_output=True, text=True)
@@ -91,8 +80,8 @@ def command(args) -> int:
         raise RuntimeError(f"mgrow fuse failed ({fuse.returncode}): {fuse.stderr[-2000:]}")
     fusion = json.loads([line for line in fuse.stdout.splitlines() if line.startswith("{")][-1])
     parent_flops = sum(c.flops[-1] for c in parents.values())
-    fused = curve(runs["fused"], train("fused"))
-    curves = {SCRATCH: curve(runs[SCRATCH], train(SCRATCH)),
+    fused = curve(runs["fused"], train_run("fused", runs["fused"], args.out))
+    curves = {SCRATCH: curve(runs[SCRATCH], train_run(SCRATCH, runs[SCRATCH], args.out)),
               "fused (FLOPs include both parents)": Curve([f + parent_flops for f in fused.flops], fused.losses)}
     rows = summarize(curves)
     if args.plot:

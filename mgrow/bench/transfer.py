@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-import yaml
-
+from mgrow.bench.efficiency import train_run
 from mgrow.transfer.rules import COMPONENTS
 
 MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=256,
@@ -32,8 +29,8 @@ MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_grou
 TARGETS = {"gqa": {"num_query_groups": 1}, "moe": {"num_moe_experts": 4, "moe_router_topk": 2}}
 
 
-def _config(folder: str, name: str, model: dict, steps: int, nproc: int, **sections) -> str:
-    config = {
+def _config(folder: str, name: str, model: dict, steps: int, **sections) -> dict:
+    return {
         "model": model,
         "optimizer": {"type": "adam", "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10},
         "train": {"steps": steps, "micro_batch_size": 8, "global_batch_size": 16,
@@ -41,19 +38,6 @@ def _config(folder: str, name: str, model: dict, steps: int, nproc: int, **secti
                   "metrics_path": os.path.join(folder, f"{name}.jsonl")},
         **sections,
     }
-    path = os.path.join(folder, f"{name}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    return path
-
-
-def _train(config: str, nproc: int) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "mgrow.cli", "train", "--config", config, "--nproc", str(nproc)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"mgrow train --config {config} failed:\n{done.stderr[-3000:]}")
-    with open(config.replace(".yaml", ".jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _summary(records: list[dict], at: list[int], window: int) -> dict:
@@ -80,8 +64,8 @@ def command(args) -> int:
     folder = args.out or tempfile.mkdtemp(prefix="mgrow_bench_transfer_")
     os.makedirs(folder, exist_ok=True)
     source_ckpt = os.path.join(folder, "source_ckpt")
-    _train(_config(folder, "source", MODEL, args.source_steps, args.nproc,
-                   checkpoint={"save": source_ckpt}), args.nproc)
+    train_run("source", _config(folder, "source", MODEL, args.source_steps, checkpoint={"save": source_ckpt}),
+              folder, args.nproc)
     at = sorted({args.window, args.steps // 4, args.steps // 2, args.steps} - {0})
     at = [step for step in at if step >= args.window]
     result = {"bench": "transfer", "source_model": MODEL, "source_steps": args.source_steps, "steps": args.steps,
@@ -89,11 +73,12 @@ def command(args) -> int:
               "loss": "mean training loss of the window steps ending at each step", "targets": {}}
     for name, change in TARGETS.items():
         model = {**MODEL, **change}
-        scratch = _train(_config(folder, f"{name}_scratch", model, args.steps, args.nproc), args.nproc)
+        scratch = train_run(f"{name}_scratch", _config(folder, f"{name}_scratch", model, args.steps), folder,
+                            args.nproc)
         transfer = {"from": source_ckpt, "components": list(COMPONENTS), "freeze": True,
                     "unfreeze_window": args.window, "unfreeze_threshold": args.threshold}
-        moved = _train(_config(folder, f"{name}_transfer", model, args.steps, args.nproc, transfer=transfer),
-                       args.nproc)
+        moved = train_run(f"{name}_transfer", _config(folder, f"{name}_transfer", model, args.steps,
+                                                       transfer=transfer), folder, args.nproc)
         result["targets"][name] = {"model": change, "scratch": _summary(scratch, at, args.window),
                                    "transfer": _summary(moved, at, args.window)}
     result["seconds"] = time.perf_counter() - start
