@@ -15,6 +15,15 @@ from mgrow.errors import ConfigError
 DEFAULT_TOL = 1e-5  # max-abs logit difference of fp32 growth
 
 
+def _device_arguments(parser) -> None:
+    from mgrow.parallel.device import BACKENDS, DEVICES
+
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the ranks' tensors live (auto: CUDA when torch sees a GPU, else CPU)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="collectives backend (auto: nccl on CUDA, gloo on CPU; gloo lets ranks share one GPU)")
+
+
 def _verify_arguments(parser) -> None:
     from mgrow.train.config import OPTIMIZERS
 
@@ -33,6 +42,7 @@ def _verify_arguments(parser) -> None:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="optimizer path of the sharded check (default adam); without it and at "
                              "tp = pp = dp = 1 the reference operators are checked alone")
+    _device_arguments(parser)
 
 
 def _grow_checkpoint_arguments(parser) -> None:
@@ -42,6 +52,7 @@ def _grow_checkpoint_arguments(parser) -> None:
     for flag in ("tp", "pp", "dp"):
         parser.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the job that grows it "
                                                                       "(default: the checkpoint's)")
+    _device_arguments(parser)
 
 
 # `mgrow bench X` runs mgrow.bench.<module>.command; the studies (a file of runs compared by validation loss
@@ -63,6 +74,9 @@ def _bench_growth_arguments(parser) -> None:
     parser.add_argument("--throughput-steps", type=int, default=10,
                         help="training steps timed for the grown and the fresh engine each")
     parser.add_argument("--profile", default=None, help="write rank 0's cProfile of the in-memory growth to this file")
+    parser.add_argument("--no-roundtrip", dest="roundtrip", action="store_false",
+                        help="skip the checkpoint round trip (save, grow offline, load)")
+    _device_arguments(parser)
 
 
 def _bench_study_arguments(parser, study: str, runs: bool = True) -> None:
@@ -93,6 +107,7 @@ def _fuse_arguments(parser) -> None:
     for flag in ("tp", "pp", "dp"):
         parser.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the job that fuses them "
                                                                       "(default: A's)")
+    _device_arguments(parser)
 
 
 def _parser() -> argparse.ArgumentParser:

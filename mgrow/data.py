@@ -100,8 +100,8 @@ class TokenWindows:
         import torch
 
         if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._orders[epoch] = torch.randperm(self.windows, generator=generator)
+            generator = torch.Generator(device="cpu").manual_seed(self.seed + epoch)
+            self._orders[epoch] = torch.randperm(self.windows, generator=generator, device="cpu")
         return self._orders[epoch]
 
     def samples(self, start: int, count: int) -> torch.Tensor:

@@ -141,12 +141,15 @@ def original_source(steps: list[OpStep], name: str) -> Optional[str]:
 
 
 def grow_one(
-    steps: list[OpStep], values: FreeValues, name: str, original: Optional[torch.Tensor]
+    steps: list[OpStep], values: FreeValues, name: str, original: Optional[torch.Tensor], device=None
 ) -> tuple[torch.Tensor, TensorMap]:
     """Grown tensor ``name`` and its map from ``original`` (the tensor :func:`original_source` names).
 
     The same ops as :func:`apply_plan`, on one tensor: the sharded mover holds one full parameter at a time.
+    Both come back on ``device`` (default: ``original``'s, or the CPU for a new tensor).
     """
+    if device is None:
+        device = original.device if original is not None else torch.device("cpu")
     from mgrow.layouts.megatron import parameter_shapes
 
     chain = [name]  # the tensor's name before each step, last step first
@@ -158,11 +161,13 @@ def grow_one(
     first = len(steps) - (len(chain) - 1)  # the step that creates the tensor, or 0
     tensor, tmap = original, None
     if original is not None:
-        tmap = TensorMap.identity(chain[0], tuple(original.shape))
+        tensor = original.to(device)
+        tmap = TensorMap.identity(chain[0], tuple(original.shape), device)
     for index in range(first, len(steps)):
         step, target = steps[index], chain[index - first + 1]
         shape = parameter_shapes(step.grown)[target]
         tensor, step_map = step.grow(target, tensor, shape, values.for_stream(index))
+        tensor, step_map = tensor.to(device), step_map.to(device)  # a new tensor is made on the CPU
         tmap = step_map if tmap is None else compose({chain[index - first]: tmap}, {target: step_map})[target]
     return tensor, tmap
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mgrow.model_config import ModelConfig
+from mgrow.parallel import collectives
 
 SMOOTHING = 0.1  # add-alpha on the bigram counts
 
@@ -53,22 +54,23 @@ def factorise(log_p: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     u, s, _ = torch.linalg.svd(centred)
     rank = min(h - 1 if layer_norm else h, s.numel())
     factor = u[:, :rank] * s[:rank].sqrt()
-    basis = torch.eye(h, dtype=torch.float64)
+    basis = torch.eye(h, dtype=torch.float64, device="cpu")
     if layer_norm:  # an orthonormal basis of {x : mean(x) = 0}
-        basis = torch.linalg.qr(torch.eye(h, dtype=torch.float64) - 1.0 / h)[0][:, : h - 1].T
+        basis = torch.linalg.qr(torch.eye(h, dtype=torch.float64, device="cpu") - 1.0 / h)[0][:, : h - 1].T
     embedding = factor @ basis[:rank]
     embedding = embedding / embedding.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
     full = {"embedding.word_embeddings.weight": embedding}
     if cfg.share_embeddings_and_output_weights:
         gram = embedding @ embedding.T
-        full["decoder.final_layernorm.weight"] = torch.full((h,), float((gram * centred).sum() / (gram * gram).sum()))
+        full["decoder.final_layernorm.weight"] = torch.full((h,), float((gram * centred).sum() / (gram * gram).sum()), device="cpu")
     else:
         full["output_layer.weight"] = torch.linalg.lstsq(embedding, centred).solution.T
     return {name: tensor.float() for name, tensor in full.items()}
 
 
-def explicit_init(cfg: ModelConfig, seed: int, corpus: str):
-    """``build_gpt``'s ``init``: the canonical init with the warm-start tensors (collective: rank 0 computes)."""
+def explicit_init(cfg: ModelConfig, seed: int, corpus: str, dims):
+    """``build_gpt``'s ``init``: the canonical init with the warm-start tensors (collective: rank 0 computes on
+    the CPU in float64; the CPU tensors are broadcast over ``dims.comm_device``)."""
     from mgrow.data import TokenWindows
     from mgrow.model import CanonicalInit
 
@@ -77,11 +79,11 @@ def explicit_init(cfg: ModelConfig, seed: int, corpus: str):
     shapes = {"embedding.word_embeddings.weight": (cfg.vocab_size, cfg.hidden_size),
               "output_layer.weight": (cfg.vocab_size, cfg.hidden_size),
               "decoder.final_layernorm.weight": (cfg.hidden_size,)}
-    warm = {name: torch.empty(shapes[name]) for name in names}
+    warm = None
     if dist.get_rank() == 0:
         tokens = TokenWindows(corpus, "train", 1, seed).tokens.numpy()
         warm = factorise(bigram_log_probs(tokens, cfg.vocab_size), cfg)
-    for name in names:
-        dist.broadcast(warm[name], src=0)
+    warm = {name: collectives.broadcast_tensor(None if warm is None else warm[name], shapes[name], torch.float32, dims)
+            for name in names}
     canonical = CanonicalInit(cfg, seed)
     return lambda name, shape: warm[name] if name in warm else canonical(name, shape)

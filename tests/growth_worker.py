@@ -32,27 +32,27 @@ def main(argv: list[str]) -> None:
     from mgrow.model import build_gpt
     from mgrow.model_config import ModelConfig
     from mgrow.plan import load_plan
-    from mgrow.runtime import init_distributed, shutdown
+    from mgrow.parallel.dims import init_distributed, shutdown
     from mgrow.train.engines import build_engine, global_mean_loss
 
     model = ModelConfig(**json.loads(model_json))
     plan = load_plan(json.loads(plan_json))
-    layout = init_distributed(int(tp), int(pp), 1234)
-    cfg = train_config(model, int(tp), int(pp), optimizer, layout.dp, min(32, model.max_sequence_length))
-    result: dict = {"rank": layout.rank}
+    dims = init_distributed(int(tp), int(pp), 1234, device="cpu")
+    cfg = train_config(model, dims, optimizer, min(32, model.max_sequence_length))
+    result: dict = {"rank": dims.rank}
     if mode == "continue":
         from mgrow.data import TokenWindows
         from mgrow.train.loop import Batches
 
         repo = Path(__file__).resolve().parents[1]
         windows = TokenWindows(str(repo / "data" / "cache" / "corpus"), "train", cfg.train.seq_length, 1234)
-        batches = Batches(windows, cfg, layout)
+        batches = Batches(windows, cfg, dims)
         cfg = _with_lr(cfg, 3e-3)
     else:
-        batches = RandomBatches(cfg, 1234)
-    engine = build_engine(build_gpt(model, seed=1234), cfg, layout.dp)
+        batches = RandomBatches(cfg, 1234, dims)
+    engine = build_engine(build_gpt(model, dims, seed=1234), cfg, dims)
     steps_before = 30 if mode == "continue" else 2
-    losses = [global_mean_loss(engine.train_step(batches(step))) for step in range(steps_before)]
+    losses = [global_mean_loss(engine.train_step(batches(step)), dims) for step in range(steps_before)]
 
     if mode == "failure":
         (before, lr_before) = _snapshot(engine, model, gather_state)
@@ -66,11 +66,11 @@ def main(argv: list[str]) -> None:
         result["unchanged"] = lr_before == lr_after and all(
             torch.equal(before[kind][name], after[kind][name]) for kind in before for name in before[kind]
         )
-        result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)))
+        result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)), dims)
     elif mode == "reset":
         engine, _, _ = grow(engine, cfg, plan, optimizer_state="reset")
         result["step_after_reset"] = engine.optimizer_state().step()
-        result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)))
+        result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)), dims)
     elif mode == "memory":
         old_bytes = _state_bytes(engine)
         rss.reset_peak()
@@ -84,9 +84,9 @@ def main(argv: list[str]) -> None:
     else:
         engine, cfg, report = grow(engine, cfg, plan)
         result["growth_seconds"] = report.growth_seconds
-        after = [global_mean_loss(engine.train_step(batches(steps_before + step))) for step in range(20)]
+        after = [global_mean_loss(engine.train_step(batches(steps_before + step)), dims) for step in range(20)]
         result["losses_before"], result["losses_after"] = losses, after
-    Path(out_dir, f"rank{layout.rank}.json").write_text(json.dumps(result))
+    Path(out_dir, f"rank{dims.rank}.json").write_text(json.dumps(result))
     dist.barrier()
     shutdown()
 

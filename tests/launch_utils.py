@@ -42,6 +42,7 @@ class JobResult:
 def write_config(tmp_path: Path, **sections) -> Path:
     config = {
         "model": dict(TINY_MODEL),
+        "parallel": {"device": "cpu"},  # the suite's jobs run on CPU ranks, also on a machine with a GPU
         "optimizer": {"type": "adam", "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
         "train": {"steps": 5, "micro_batch_size": 2, "global_batch_size": 8, "seq_length": 32,
                   "log_interval": 1, "eval_batches": 1, "progress": False,

@@ -26,16 +26,16 @@ def main(argv: list[str]) -> None:
     from mgrow.model import build_gpt
     from mgrow.model_config import ModelConfig
     from mgrow.plan import load_plan
-    from mgrow.runtime import init_distributed, shutdown
+    from mgrow.parallel.dims import init_distributed, shutdown
     from mgrow.train.engines import build_engine, global_mean_loss
     from mgrow.verify import random_state, random_tokens
 
     model = ModelConfig(**json.loads(model_json))
     plan = load_plan(json.loads(plan_json))
-    layout = init_distributed(int(tp), int(pp), 1234)
-    cfg = train_config(model, int(tp), int(pp), optimizer, layout.dp, min(8, model.max_sequence_length))
-    engine = build_engine(build_gpt(model, init=random_state(model, 0)), cfg, layout.dp)
-    batches = RandomBatches(cfg, 1234)
+    dims = init_distributed(int(tp), int(pp), 1234, device="cpu")
+    cfg = train_config(model, dims, optimizer, min(8, model.max_sequence_length))
+    engine = build_engine(build_gpt(model, dims, init=random_state(model, 0, dims)), cfg, dims)
+    batches = RandomBatches(cfg, 1234, dims)
     for step in range(2):
         engine.train_step(batches(step))
     tokens = random_tokens(model, 0, batch=2, seq=cfg.train.seq_length)
@@ -46,15 +46,15 @@ def main(argv: list[str]) -> None:
     report.masks.remove()
     own_hooks = _hook_count(engine.module)  # the framework's own (DeepSpeed ZeRO-3 hooks every module)
     result["without_masks"] = _max_diff(before, engine.logits(tokens))
-    masks = GrowthMasks.install(engine.module, plan.steps(model), model, plan.free_values(model))
+    masks = GrowthMasks.install(engine.module, plan.steps(model), model, plan.free_values(model), dims)
     result["rebuilt_at_zero"] = _max_diff(before, engine.logits(tokens))
     ramp, seen, losses = MaskRamp(masks, 2, int(ramp_steps)), [], []
     for step in range(2, 3 + int(ramp_steps)):
         seen.append(ramp.before_step(step))
-        losses.append(global_mean_loss(engine.train_step(batches(step))))
+        losses.append(global_mean_loss(engine.train_step(batches(step)), dims))
     result["mask_per_step"], result["losses"] = seen, losses
     result["hooks_left"] = int(_max_over_ranks(_hook_count(engine.module) - own_hooks))
-    if layout.rank == 0:
+    if dims.rank == 0:
         Path(out_dir, "result.json").write_text(json.dumps(result))
     dist.barrier()
     shutdown()

@@ -12,12 +12,14 @@ def test_bench_growth_reports_growth_roundtrip_floor_and_throughput():
     done = subprocess.run(
         [sys.executable, "-m", "mgrow.cli", "bench", "growth", "--model", str(REPO / "configs/models/tiny_gqa_swiglu.yaml"),
          "--plan", str(REPO / "configs/plans/tiny_gqa_widen.yaml"), "--tp", "2", "--optimizer", "megatron",
-         "--throughput-steps", "2"],
+         "--throughput-steps", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=240, cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)
-    assert result["layout"] == {"tp": 2, "pp": 1, "dp": 1, "optimizer": "megatron", "bf16": False}
+    assert result["layout"] == {"tp": 2, "pp": 1, "dp": 1, "device": "cpu", "backend": "gloo", "optimizer": "megatron",
+                                "bf16": False}
+    assert result["peak_device_bytes"] is None  # CPU ranks: peak_rss_bytes is the memory measure
     assert result["params_after"] > result["params_before"]
     assert len(result["state_bytes_before"]) == len(result["state_bytes_after"]) == len(result["peak_rss_bytes"]) == 2
     # this rank's params + Adam's two moments, all fp32 (megatron AdamW: the parameter is the master), per TP rank

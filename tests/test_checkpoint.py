@@ -263,10 +263,10 @@ def test_the_distributed_optimizer_bugs_the_loader_works_around_are_still_there(
     from mgrow.train.engines import build_engine
 
     model = ModelConfig(**TINY_MODEL)
-    cfg = verify_config(model, 1, 1, "megatron", 1, 16)
-    trained = build_engine(build_gpt(model), cfg, 1)
-    trained.train_step(RandomBatches(cfg, 0)(0))
-    fresh = build_engine(build_gpt(model), cfg, 1).optimizer.chained_optimizers[0]
+    cfg = verify_config(model, single_rank, "megatron", 16)
+    trained = build_engine(build_gpt(model, single_rank), cfg, single_rank)
+    trained.train_step(RandomBatches(cfg, 0, single_rank)(0))
+    fresh = build_engine(build_gpt(model, single_rank), cfg, single_rank).optimizer.chained_optimizers[0]
     with pytest.raises(AssertionError):  # bug 1: no state dict before the optimizer has state
         fresh.state_dict()
     fresh.load_state_dict(trained.optimizer.chained_optimizers[0].state_dict())
@@ -291,7 +291,7 @@ def test_a_save_starts_no_manager_process(single_rank, tmp_path):
 
     assert "Manager()" in inspect.getsource(filesystem_async._get_write_results_queue)
     model = ModelConfig(**TINY_MODEL)
-    engine = build_engine(build_gpt(model), verify_config(model, 1, 1, "adam", 1, 16), 1)
+    engine = build_engine(build_gpt(model, single_rank), verify_config(model, single_rank, "adam", 16), single_rank)
     before = set(multiprocessing.active_children())
     megatron_format.save(engine, str(tmp_path))
     assert set(multiprocessing.active_children()) == before

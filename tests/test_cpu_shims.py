@@ -1,4 +1,9 @@
-"""The CPU shims stay small, scoped and necessary."""
+"""The CPU shims stay small, scoped and necessary.
+
+The in-process rank of these tests is a CPU rank (``conftest.one_rank``), so the shims are
+applied there whether or not the machine has a GPU; the test that asserts what a CPU-only
+machine does skips where torch sees a GPU.
+"""
 
 import importlib
 import inspect
@@ -6,7 +11,7 @@ import inspect
 import pytest
 import torch
 
-from mgrow import cpu_shims
+from mgrow.parallel import cpu_shims
 
 
 @pytest.mark.parametrize("module_name, cuda_call", sorted(cpu_shims.PATCHED_MODULES.items()))
@@ -29,12 +34,13 @@ def test_scoped_wrappers_still_guard_cuda_only_code():
     assert "weight.data.cuda()" in inspect.getsource(LanguageModule.setup_embeddings_and_output_layer)
 
 
-def test_shims_are_applied_only_without_cuda(single_rank, monkeypatch):
+def test_shims_are_applied_on_cpu_ranks_only(single_rank):
     import megatron.core.utils as mc_utils
     from megatron.core.optimizer import distrib_optimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    assert cpu_shims.needed() and cpu_shims.apply()
+    assert single_rank.device.type == "cpu" and cpu_shims.needed(single_rank.device) and cpu_shims.apply()
+    assert not cpu_shims.needed(torch.device("cuda", 0))
     assert mc_utils.torch.cuda.current_device() == "cpu"
     assert mc_utils.torch.zeros(2, device="cuda").device.type == "cpu"
     assert distrib_optimizer.DistributedOptimizer.__init__.__mgrow_shim__
@@ -42,8 +48,14 @@ def test_shims_are_applied_only_without_cuda(single_rank, monkeypatch):
     # torch itself is untouched outside the patched modules.
     assert torch.zeros is not mc_utils.torch.zeros
     assert torch.Tensor.type(torch.zeros(1)) == "torch.FloatTensor"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not cpu_shims.needed()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts what a machine without a GPU does")
+def test_auto_device_is_the_cpu_without_a_gpu():
+    from mgrow.parallel import device
+
+    choice = device.resolve("auto", "auto")
+    assert (choice.device.type, choice.backend) == ("cpu", "gloo")
 
 
 def test_cuda_type_names_are_scoped():

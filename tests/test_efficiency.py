@@ -35,7 +35,7 @@ def test_flops_are_two_per_weight_of_every_matmul(single_rank, options):
 
     model = ModelConfig(**{**GPT2_LIKE, **options})
     s = 32
-    gpt = build_gpt(model)
+    gpt = build_gpt(model, single_rank)
     matmul_weights = sum(p.numel() for name, p in gpt.named_parameters()
                          if p.dim() == 2 and "embedding" not in name)
     if model.share_embeddings_and_output_weights:

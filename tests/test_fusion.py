@@ -35,24 +35,24 @@ def small(**kw) -> ModelConfig:
 @pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
 def test_self_fusion_of_a_state_dict_is_exact_and_a_broken_rule_is_not(variant, single_rank):
     cfg = small(**VARIANTS[variant])
-    state, tokens = random_state(cfg, 0), random_tokens(cfg, 0)
-    before = logits(cfg, state, tokens)
+    state, tokens = random_state(cfg, 0, single_rank), random_tokens(cfg, 0)
+    before = logits(cfg, state, tokens, single_rank)
     fused, fused_cfg = fuse_state(state, state, cfg)
     assert (fused_cfg.hidden_size, fused_cfg.num_attention_heads, fused_cfg.ffn_hidden_size) == (64, 8, 128)
     assert fused_cfg.num_query_groups == 2 * cfg.num_query_groups and fused_cfg.kv_channels == cfg.kv_channels
     assert float(before.abs().max()) > 0.5  # large enough for a wrong rule to show
-    assert float((logits(fused_cfg, fused, tokens) - before).abs().max()) <= TOL
+    assert float((logits(fused_cfg, fused, tokens, single_rank) - before).abs().max()) <= TOL
     # Negative control: the ensemble halving left out (no /2 on the output, or on the tied final norm).
     halved = "decoder.final_layernorm.weight" if cfg.share_embeddings_and_output_weights else "output_layer.weight"
     broken = dict(fused, **{halved: fused[halved] * 2})
     if cfg.share_embeddings_and_output_weights and "decoder.final_layernorm.bias" in broken:
         broken["decoder.final_layernorm.bias"] = fused["decoder.final_layernorm.bias"] * 2
-    assert float((logits(fused_cfg, broken, tokens) - before).abs().max()) >= 1e-3
+    assert float((logits(fused_cfg, broken, tokens, single_rank) - before).abs().max()) >= 1e-3
 
 
 def test_fusion_of_two_state_dicts_is_block_diagonal_and_near_the_logit_average(single_rank):
     cfg = small(**VARIANTS["layernorm-gelu-bias"])
-    a, b = random_state(cfg, 0), random_state(cfg, 1)
+    a, b = random_state(cfg, 0, single_rank), random_state(cfg, 1, single_rank)
     fused, fused_cfg = fuse_state(a, b, cfg)
     h, p = cfg.hidden_size, cfg.ffn_hidden_size
     fc1 = fused["decoder.layers.0.mlp.linear_fc1.weight"]
@@ -60,8 +60,8 @@ def test_fusion_of_two_state_dicts_is_block_diagonal_and_near_the_logit_average(
     assert torch.equal(fc1[p:, h:], b["decoder.layers.0.mlp.linear_fc1.weight"])
     assert not fc1[:p, h:].any() and not fc1[p:, :h].any()
     tokens = random_tokens(cfg, 0)
-    average = (logits(cfg, a, tokens) + logits(cfg, b, tokens)) / 2
-    deviation = float((logits(fused_cfg, fused, tokens) - average).abs().max())
+    average = (logits(cfg, a, tokens, single_rank) + logits(cfg, b, tokens, single_rank)) / 2
+    deviation = float((logits(fused_cfg, fused, tokens, single_rank) - average).abs().max())
     print(f"reference F(A, B): max |z_F - (z_A + z_B)/2| = {deviation:.4g} (max |average| "
           f"{float(average.abs().max()):.4g})")
     assert math.isfinite(deviation) and deviation > TOL  # one norm over 2h: approximate, as documented
@@ -117,7 +117,7 @@ def test_fuse_two_checkpoints_reports_the_deviation_and_has_the_block_structure(
     states = {}
     for key, path in (("a", a), ("b", b), ("f", tmp / "fused_ab")):
         folder, metadata, model = read(str(path), key)
-        engine, cfg, _ = restored_engine(folder, metadata, 1, 1)  # loaded at TP1 as `mgrow train` would
+        engine, cfg, _ = restored_engine(folder, metadata, single_rank)  # loaded at TP1 as `mgrow train` would
         states[key] = gather_state(engine, model)
         engine.destroy()
     cfg = ModelConfig.from_dict(read(str(a), "a")[1]["model"])

@@ -68,7 +68,8 @@ def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, env=None, bf16=Fal
     model_path = tmp_path / "model.yaml"
     model_path.write_text(yaml.safe_dump(model))
     command = [sys.executable, "-m", "mgrow.cli", "verify", "--model", str(model_path),
-               "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--optimizer", optimizer, *(["--bf16"] * bf16)]
+               "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--optimizer", optimizer, *(["--bf16"] * bf16),
+               "--device", "cpu"]
     for index, plan in enumerate(plans):
         path = tmp_path / f"plan{index}.yaml"
         path.write_text(yaml.safe_dump(plan))
@@ -100,7 +101,8 @@ def check_invariants(tmp_path, optimizer, tp, pp, dp, model, plans, bf16):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(reports) == len(plans)
     for plan, report in zip(plans, reports):
-        assert report["layout"] == {"tp": tp, "pp": pp, "dp": dp, "optimizer": optimizer}
+        assert report["layout"] == {"tp": tp, "pp": pp, "dp": dp, "device": "cpu", "backend": "gloo",
+                                    "optimizer": optimizer}
         assert report["bf16"] is bf16
         assert report["params_after"] > report["params_before"]
         rescaling = plan is EVERY_OP or plan is REPLICATE  # hidden growth rescales norm gains / readers

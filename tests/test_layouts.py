@@ -13,7 +13,7 @@ def test_table_agrees_with_megatron_partition_attributes(single_rank, gated):
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
                       max_sequence_length=16, activation="swiglu" if gated else "gelu", qk_layernorm=True)
-    model = build_gpt(cfg)
+    model = build_gpt(cfg, single_rank)
     for local, name, param in global_names(model):
         row = table.layout_of(name, cfg.gated_linear_unit)
         if getattr(param, "tensor_model_parallel", False):
@@ -55,7 +55,7 @@ def test_parameter_shapes_match_a_built_model(single_rank, model):
 
     cfg = ModelConfig(**{**dict(num_layers=3, hidden_size=24, num_attention_heads=4, vocab_size=40,
                                 max_sequence_length=8, ffn_hidden_size=20), **model})
-    built = {name: tuple(t.shape) for name, t in gather_full_tensors(build_gpt(cfg), cfg).items()}
+    built = {name: tuple(t.shape) for name, t in gather_full_tensors(build_gpt(cfg, single_rank), cfg, single_rank).items()}
     assert table.parameter_shapes(cfg) == built
     assert sum(math.prod(s) for s in built.values()) == cfg.num_parameters()
 

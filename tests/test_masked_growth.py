@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from launch_utils import REPO, clean_env
+from conftest import one_rank
 from mgrow.growth.masks import GrowthMasks, MaskRamp, free_masked_entries, mask_value
-from mgrow.model import build_gpt
+from mgrow.model import build_gpt, position_ids
 from mgrow.model_config import ModelConfig
 from mgrow.ops import Kind
 from mgrow.plan import apply_plan, load_plan
@@ -46,23 +47,22 @@ MODELS = {"ln-gelu": LN_GELU, "rms-swiglu": RMS_SWIGLU}
 
 def forward(model, tokens):
     model.eval()
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
     with torch.no_grad():
-        return model(tokens, positions, None)
+        return model(tokens, position_ids(tokens), None)
 
 
 def masked_growth(cfg, ops, seed=0):
     """(logits before, the grown model with random masked entries, its GrowthMasks at m = 0, tokens)."""
     plan = load_plan({"ops": ops, "init": {"std": 0.5, "seed": 11}})  # large new weights: a leak shows
-    state = random_state(cfg, seed)
+    state = random_state(cfg, seed, one_rank())
     tokens = random_tokens(cfg, seed, batch=2, seq=8)
-    before = forward(build_gpt(cfg, init=state), tokens)
+    before = forward(build_gpt(cfg, one_rank(), init=state), tokens)
     result = apply_plan(state, cfg, plan)
     values = plan.free_values(cfg).for_stream(len(plan.ops))
     grown = {name: free_masked_entries(name, t, result.maps[name], values) for name, t in result.state.items()}
     refilled = sum(int(((grown[n] != t) & (result.maps[n].kind != Kind.FREE)).sum()) for n, t in result.state.items())
-    model = build_gpt(result.cfg, init=grown)
-    masks = GrowthMasks.install(model, plan.steps(cfg), cfg, plan.free_values(cfg))
+    model = build_gpt(result.cfg, one_rank(), init=grown)
+    masks = GrowthMasks.install(model, plan.steps(cfg), cfg, plan.free_values(cfg), one_rank())
     return before, model, masks, tokens, refilled, result.cfg
 
 
@@ -91,7 +91,7 @@ def test_the_ramp_reaches_one_on_schedule_and_leaves_the_plain_model(single_rank
     seen = [ramp.before_step(step) for step in range(7, 12)]
     assert seen == [0.0, 0.25, 0.5, 0.75, 1.0] and ramp.done
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in grown.modules())
-    fresh = build_gpt(grown_cfg, init={name: p.detach().clone() for name, p in grown.named_parameters()})
+    fresh = build_gpt(grown_cfg, one_rank(), init={name: p.detach().clone() for name, p in grown.named_parameters()})
     assert torch.equal(forward(grown, tokens), forward(fresh, tokens))  # bit for bit the unmasked grown model
     assert mask_value(3, 7, 4) == 0.0 and mask_value(100, 7, 4) == 1.0
 

@@ -54,5 +54,5 @@ def test_parameter_count_matches_megatron(single_rank, options):
     from mgrow.model import build_gpt
 
     cfg = ModelConfig(**BASE, **options)
-    model = build_gpt(cfg)
+    model = build_gpt(cfg, single_rank)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()

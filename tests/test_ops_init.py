@@ -23,7 +23,7 @@ def free_values(result) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_free_entries_have_the_requested_std_and_are_non_zero(single_rank):
-    result = apply_plan(random_state(CFG, 0), CFG, PLAN)
+    result = apply_plan(random_state(CFG, 0, single_rank), CFG, PLAN)
     gains, others = free_values(result)
     assert others.numel() > 20000 and gains.numel() > 1000
     assert torch.count_nonzero(others) == others.numel()
@@ -36,13 +36,13 @@ def test_free_entries_have_the_requested_std_and_are_non_zero(single_rank):
 
 def test_init_std_defaults_to_the_models_init_method_std(single_rank):
     cfg = CFG.replace(init_method_std=0.03)
-    result = apply_plan(random_state(cfg, 0), cfg, {"ops": PLAN["ops"]})
+    result = apply_plan(random_state(cfg, 0, single_rank), cfg, {"ops": PLAN["ops"]})
     _, others = free_values(result)
     assert abs(float(others.std()) - 0.03) <= 0.1 * 0.03
 
 
 def test_free_entries_are_deterministic_from_the_seed_and_independent_of_dict_order(single_rank):
-    state = random_state(CFG, 0)
+    state = random_state(CFG, 0, single_rank)
     first = apply_plan(state, CFG, PLAN)
     again = apply_plan(dict(reversed(list(state.items()))), CFG, PLAN)
     other_seed = apply_plan(state, CFG, {**PLAN, "init": {"std": 0.05, "seed": 8}})

@@ -7,6 +7,7 @@ that the broken variant moves the logits by far more (>= 1e-3).
 import pytest
 import torch
 
+from conftest import one_rank
 from mgrow.model_config import ModelConfig
 from mgrow.ops import AxisMap, FreeValues, Kind, TensorMap, carry, grow_head_dim, grow_heads, grow_hidden
 from mgrow.ops import grow_layers, grow_mlp
@@ -21,13 +22,13 @@ BASE = dict(num_layers=2, hidden_size=24, num_attention_heads=4, num_query_group
 
 def setup(**model):
     cfg = ModelConfig(**{**BASE, **model})
-    state = random_state(cfg, seed=2)
+    state = random_state(cfg, 2, one_rank())
     tokens = random_tokens(cfg, 2, batch=2, seq=8)
-    return cfg, state, tokens, logits(cfg, state, tokens)
+    return cfg, state, tokens, logits(cfg, state, tokens, one_rank())
 
 
 def diff(cfg, state, tokens, before) -> float:
-    return float((logits(cfg, state, tokens) - before).abs().max())
+    return float((logits(cfg, state, tokens, one_rank()) - before).abs().max())
 
 
 def unscaled(result, old_state, suffixes) -> dict:

@@ -11,7 +11,8 @@ gradient: those are left out here, and their moments follow 1/scale.
 import pytest
 import torch
 
-from mgrow.model import build_gpt, global_names
+from conftest import one_rank
+from mgrow.model import build_gpt, global_names, position_ids
 from mgrow.model_config import ModelConfig
 from mgrow.ops import apply_to_optimizer_state
 from mgrow.plan import apply_plan
@@ -39,10 +40,9 @@ CASES = {
 
 
 def gradients(cfg: ModelConfig, state: dict, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
-    model = build_gpt(cfg, init=state)
+    model = build_gpt(cfg, one_rank(), init=state)
     model.eval()
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-    logits = model(tokens, positions, None)
+    logits = model(tokens, position_ids(tokens), None)
     torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1)).backward()
     return {name: param.grad.detach().clone() for _, name, param in global_names(model)}
 
@@ -51,7 +51,7 @@ def gradients(cfg: ModelConfig, state: dict, tokens: torch.Tensor, labels: torch
 def test_gradients_of_old_entries_follow_grad_scale(single_rank, case):
     model, op = CASES[case]
     cfg = ModelConfig(**model)
-    state = random_state(cfg, seed=5)
+    state = random_state(cfg, 5, one_rank())
     tokens = random_tokens(cfg, 5, batch=2, seq=8)
     labels = torch.randint(0, cfg.vocab_size, tokens.shape, generator=torch.Generator().manual_seed(6))
     before = gradients(cfg, state, tokens, labels)

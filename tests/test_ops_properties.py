@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from conftest import one_rank
 from mgrow.model import build_gpt, gather_full_tensors
 from mgrow.model_config import ModelConfig
 from mgrow.ops import Kind, carry
@@ -93,16 +94,16 @@ def grown_models(draw):
 
 def check_growth(cfg: ModelConfig, plan: dict, seed: int = 0):
     """Every property a growth must have; returns the logit differences after growth and after the refill."""
-    state = random_state(cfg, seed)
+    state = random_state(cfg, seed, one_rank())
     tokens = random_tokens(cfg, seed, batch=2, seq=8)
-    before = logits(cfg, state, tokens)
+    before = logits(cfg, state, tokens, one_rank())
     result = apply_plan(state, cfg, plan)
 
-    after = logits(result.cfg, result.state, tokens)
+    after = logits(result.cfg, result.state, tokens, one_rank())
     diff = float((after - before).abs().max())
     assert diff <= TOL, f"logits moved by {diff} (max |logit| {float(before.abs().max()):.3g})"
 
-    built = gather_full_tensors(build_gpt(result.cfg, seed=1), result.cfg)
+    built = gather_full_tensors(build_gpt(result.cfg, one_rank(), seed=1), result.cfg, one_rank())
     assert {n: tuple(t.shape) for n, t in built.items()} == {n: tuple(t.shape) for n, t in result.state.items()}
 
     for name, tmap in result.maps.items():
@@ -121,7 +122,7 @@ def check_growth(cfg: ModelConfig, plan: dict, seed: int = 0):
         free = result.maps[name].mask(Kind.FREE)
         refilled[name] = tensor.clone()
         refilled[name][free] = torch.randn(int(free.sum()), generator=generator) * REFILL_STD
-    refill_diff = float((logits(result.cfg, refilled, tokens) - before).abs().max())
+    refill_diff = float((logits(result.cfg, refilled, tokens, one_rank()) - before).abs().max())
     assert refill_diff <= TOL, f"refilling the free entries moved the logits by {refill_diff}"
     return diff, refill_diff
 

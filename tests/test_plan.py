@@ -144,7 +144,7 @@ def test_one_tensor_at_a_time_equals_the_whole_state(single_rank):
                               {"hidden": {"hidden_size": 24}}, {"heads": {"num_attention_heads": 6}},
                               {"head_dim": {"kv_channels": 6}}, {"layers": {"insert_before": [0], "num_layers": 5}}],
                       "init": {"std": 0.02, "seed": 9}})
-    state = random_state(cfg, seed=3)
+    state = random_state(cfg, 3, single_rank)
     whole = apply_plan(state, cfg, plan)
     steps, values = plan.steps(cfg), plan.free_values(cfg)
     assert list(parameter_shapes(whole.cfg)) == list(whole.state)

@@ -69,5 +69,5 @@ def test_runs_as_one_rank_under_the_deepspeed_launcher(tmp_path):
         capture_output=True, text=True, timeout=240, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "tp=1 pp=1 dp=2 | optimizer zero1" in done.stdout
+    assert "tp=1 pp=1 dp=2 | cpu (gloo) | optimizer zero1" in done.stdout
     assert "step     3/3" in done.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, one_rank
 from launch_utils import REPO, TINY_MODEL, clean_env, local_job, write_config
 
 MHA = {**TINY_MODEL, "num_query_groups": 4}
@@ -47,7 +47,8 @@ def _load(folder, model: dict):
     from mgrow.checkpoint import files
 
     cfg = ModelConfig(**model)
-    return gather_full_tensors(load_source(files.resolve(str(folder)), cfg, seed=0), cfg)
+    dims = one_rank()
+    return gather_full_tensors(load_source(files.resolve(str(folder)), cfg, seed=0, dims=dims), cfg, dims)
 
 
 @pytest.mark.parametrize("routing, exact", [({}, True), ({"moe_router_score_function": "sigmoid"}, True),
@@ -59,9 +60,9 @@ def test_upcycled_moe_computes_the_dense_models_logits(single_rank, routing, exa
 
     dense = ModelConfig(**TINY_MODEL)
     moe = dense.replace(num_moe_experts=4, moe_router_topk=2, **routing)
-    dense_model, moe_model = build_gpt(dense, seed=1), build_gpt(moe, seed=2)
+    dense_model, moe_model = build_gpt(dense, single_rank, seed=1), build_gpt(moe, single_rank, seed=2)
     router = moe_model.decoder.layers[0].mlp.router.weight.detach().clone()
-    shards.copy_shared(dense_model, dense, moe_model, moe, tuple(rules.COMPONENTS))
+    shards.copy_shared(dense_model, dense, moe_model, moe, tuple(rules.COMPONENTS), single_rank)
     tokens = _tokens()
     diff = float((_logits(moe_model, tokens) - _logits(dense_model, tokens)).abs().max())
     assert moe.normalised_routing == exact
@@ -78,9 +79,10 @@ def test_gqa_transfer_copies_shared_tensors_and_pools_kv(single_rank):
     from mgrow.transfer import rules, shards
 
     mha, gqa = ModelConfig(**MHA), ModelConfig(**TINY_MODEL)  # 4 query groups -> 2
-    source, target, fresh = build_gpt(mha, seed=1), build_gpt(gqa, seed=2), build_gpt(gqa, seed=2)
-    shards.copy_shared(source, mha, target, gqa, tuple(ALL))
-    src, tgt = gather_full_tensors(source, mha), gather_full_tensors(target, gqa)
+    source, target, fresh = (build_gpt(mha, single_rank, seed=1), build_gpt(gqa, single_rank, seed=2),
+                             build_gpt(gqa, single_rank, seed=2))
+    shards.copy_shared(source, mha, target, gqa, tuple(ALL), single_rank)
+    src, tgt = gather_full_tensors(source, mha, single_rank), gather_full_tensors(target, gqa, single_rank)
     k = mha.kv_channels
     for name, tensor in tgt.items():
         if "linear_qkv" not in name:
@@ -126,14 +128,14 @@ def test_frozen_weights_do_not_move_until_unfrozen_on_the_adam_path(single_rank,
     cfg = from_dict({"model": TINY_MODEL, "optimizer": {"type": "adam", "warmup_steps": 1}, "train": {"steps": 5, "seq_length": 32},
                      "data": {"path": str(REPO / "data" / "cache" / "corpus")},
                      "transfer": {"from": str(source_checkpoint), "components": ["embeddings", "mlp"]}})
-    model = build_gpt(cfg.model, seed=1234)
-    record = transfer.prepare(model, cfg, resumed=False, check_tokens=_tokens())
-    engine = build_engine(model, cfg, 1)
+    model = build_gpt(cfg.model, single_rank, seed=1234)
+    record = transfer.prepare(model, cfg, resumed=False, check_tokens=_tokens(), dims=single_rank)
+    engine = build_engine(model, cfg, single_rank)
     batches = [torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    start = gather_full_tensors(engine.module, cfg.model)
+    start = gather_full_tensors(engine.module, cfg.model, single_rank)
     engine.train_step([batches[0]])
     engine.train_step([batches[1]])
-    frozen = gather_full_tensors(engine.module, cfg.model)
+    frozen = gather_full_tensors(engine.module, cfg.model, single_rank)
     transferred = [n for n in start if n.startswith("embedding.") or ".mlp." in n]
     assert record["tensors"] == len(transferred) == 5  # word embeddings, 2 layers x (fc1, fc2)
     assert freeze.is_frozen(engine)
@@ -141,7 +143,7 @@ def test_frozen_weights_do_not_move_until_unfrozen_on_the_adam_path(single_rank,
         assert torch.equal(frozen[name], start[name]) == (name in transferred), name
     freeze.unfreeze(engine, cfg.optimizer.lr, cfg.optimizer.min_lr)
     engine.train_step([batches[2]])
-    after = gather_full_tensors(engine.module, cfg.model)
+    after = gather_full_tensors(engine.module, cfg.model, single_rank)
     assert not freeze.is_frozen(engine)
     assert all(not torch.equal(after[name], frozen[name]) for name in transferred)
 

@@ -27,8 +27,8 @@ def test_explicit_init_starts_near_the_bigram_entropy(kw, single_rank):
         with torch.no_grad():
             return float(model(x, torch.arange(x.shape[1]).expand_as(x), None, labels=y).mean())
 
-    random = loss(build_gpt(cfg, seed=1))
-    explicit = loss(build_gpt(cfg, seed=1, init=explicit_init(cfg, 1, CORPUS)))
+    random = loss(build_gpt(cfg, single_rank, seed=1))
+    explicit = loss(build_gpt(cfg, single_rank, seed=1, init=explicit_init(cfg, 1, CORPUS, single_rank)))
     entropy = bigram_entropy(valid.tokens.numpy(), 256)
     print(f"{kw['normalization']}: step-0 loss random {random:.4f}, explicit {explicit:.4f}, bigram entropy {entropy:.4f}")
     assert random > 5.0  # about log 256 = 5.55

@@ -23,21 +23,22 @@ def main(out: str) -> None:
     from launch_utils import TINY_MODEL
     from mgrow.model import build_gpt, gather_full_tensors
     from mgrow.model_config import ModelConfig
-    from mgrow.runtime import init_distributed
+    from mgrow.parallel.dims import init_distributed
     from mgrow.transfer import rules, shards
 
-    init_distributed(2, 1, 1234)
+    dims = init_distributed(2, 1, 1234, device="cpu")
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     dense = ModelConfig(**TINY_MODEL)
     result = {}
     for name, target in (("moe", dense.replace(num_moe_experts=4, moe_router_topk=2)),
                          ("gqa", dense.replace(num_query_groups=1))):
-        source_model, target_model = build_gpt(dense, seed=1), build_gpt(target, seed=2)
-        shards.copy_shared(source_model, dense, target_model, target, rules.COMPONENTS)
-        source_full, target_full = gather_full_tensors(source_model, dense), gather_full_tensors(target_model, target)
+        source_model, target_model = build_gpt(dense, dims, seed=1), build_gpt(target, dims, seed=2)
+        shards.copy_shared(source_model, dense, target_model, target, rules.COMPONENTS, dims)
+        source_full = gather_full_tensors(source_model, dense, dims)
+        target_full = gather_full_tensors(target_model, target, dims)
         copied = [(n, rules.rule_for(n, rules.COMPONENTS, dense, target)) for n in target_full]
         result[name] = {
-            "logit_diff": shards.max_logit_diff(source_model, target_model, tokens),
+            "logit_diff": shards.max_logit_diff(source_model, target_model, tokens, dims),
             "copies_bitwise": all(torch.equal(target_full[n], source_full[r.source])
                                   for n, r in copied if r is not None and r.op == "copy"),
             "copies": sum(1 for _, r in copied if r is not None and r.op == "copy"),

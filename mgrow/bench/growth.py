@@ -10,13 +10,18 @@ on the same ranks and the same plan:
   round trip adds is not counted;
 * ``memcpy_floor_seconds``: the bytes growth must touch on the busiest rank
   (read every byte of its old weights and optimizer state, write every byte of
-  the new) over the memcpy bandwidth measured in the same process; a copy of n
-  bytes reads n and writes n, so floor = (before + after) / (2 * bandwidth);
+  the new) over the copy bandwidth measured in the same process on the device
+  the state lives on (host memcpy on a CPU rank, a synchronized device-to-device
+  copy on a CUDA rank); a copy of n bytes reads n and writes n, so
+  floor = (before + after) / (2 * bandwidth);
+* ``peak_device_bytes``: ``torch.cuda.max_memory_allocated`` during growth (CUDA ranks);
 * ``throughput_ratio``: tokens/s of the grown engine over a freshly built
   engine of the same size, timed alternately in the same job (one step each
   in turn), and ``throughput_ratio_median_step`` from their median step times.
 
-Rank 0 prints one JSON line; ``--profile FILE`` writes its cProfile of the in-memory growth.
+``--no-roundtrip`` and ``--throughput-steps 0`` leave out those two parts (a
+model of billions of parameters on one GPU). Rank 0 prints one JSON line;
+``--profile FILE`` writes its cProfile of the in-memory growth.
 """
 
 from __future__ import annotations
@@ -33,20 +38,27 @@ import torch
 import torch.distributed as dist
 
 from mgrow import rss
+from mgrow.parallel import collectives
 
 MEMCPY_BYTES = 256 * 2**20
 
 
-def memcpy_bytes_per_second(repeats: int = 5) -> float:
-    """Bytes copied per second by ``Tensor.copy_`` of a 256 MiB buffer (best of ``repeats``)."""
-    src = torch.ones(MEMCPY_BYTES // 4)
+def memcpy_bytes_per_second(device: torch.device, repeats: int = 5, nbytes: int = MEMCPY_BYTES) -> float:
+    """Bytes copied per second by ``Tensor.copy_`` of a buffer on ``device`` (best of ``repeats``; on CUDA a
+    device-to-device copy, synchronized before and after)."""
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
+    cuda = device.type == "cuda"
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first copy warms the allocator and the kernel
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        if cuda:
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return MEMCPY_BYTES / best
+    return nbytes / best
 
 
 def state_bytes(engine) -> int:
@@ -62,29 +74,26 @@ def state_bytes(engine) -> int:
 
 
 def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_steps: int,
-        profile: Optional[str] = None) -> int:
-    from mgrow.checkpoint import Progress, save
-    from mgrow.checkpoint.files import read_metadata
-    from mgrow.checkpoint.offline import restored_engine
+        profile: Optional[str] = None, roundtrip: bool = True, device: str = "auto", backend: str = "auto") -> int:
     from mgrow.growth import grow
     from mgrow.growth.verify_job import RandomBatches, train_config
     from mgrow.model import build_gpt
-    from mgrow.runtime import init_distributed
+    from mgrow.parallel.dims import init_distributed
     from mgrow.train.engines import build_engine
 
-    layout = init_distributed(tp, pp, seed)
-    cfg = train_config(model, tp, pp, optimizer, layout.dp, min(64, model.max_sequence_length))
-    cfg.check_world(layout.world)
-    batches = RandomBatches(cfg, seed)
-    engine = build_engine(build_gpt(model, seed=seed), cfg, layout.dp)
+    dims = init_distributed(tp, pp, seed, device=device, backend=backend)
+    cfg = train_config(model, dims, optimizer, min(64, model.max_sequence_length))
+    cfg.check_world(dims.world)
+    batches = RandomBatches(cfg, seed, dims)
+    engine = build_engine(build_gpt(model, dims, seed=seed), cfg, dims)
     for step in range(2):
         engine.train_step(batches(step))
-    bandwidth = memcpy_bytes_per_second()
+    bandwidth = memcpy_bytes_per_second(dims.device, nbytes=2**30 if dims.is_cuda else MEMCPY_BYTES)
     before = state_bytes(engine)
 
     dist.barrier()
     rss.reset_peak()
-    profiler = cProfile.Profile() if profile and layout.rank == 0 else None
+    profiler = cProfile.Profile() if profile and dims.rank == 0 else None
     if profiler:
         profiler.enable()
     grown, grown_cfg, report = grow(engine, cfg, plan, keep_old=True)
@@ -96,32 +105,20 @@ def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_ste
     after = state_bytes(grown)
     peaks = _gather(rss.peak_process())
 
-    with tempfile.TemporaryDirectory(prefix="mgrow-bench-") as scratch:
-        scratch = _same_on_every_rank(scratch)
-        dist.barrier()
-        parts = {}
-        start = time.perf_counter()
-        folder = save(engine, cfg, Progress(step=2), f"{scratch}/before")
-        parts["save"] = time.perf_counter() - start
-        offline, offline_cfg, progress = restored_engine(folder, read_metadata(folder), tp, pp)
-        offline, offline_grown_cfg, _ = grow(offline, offline_cfg, plan)
-        grown_folder = save(offline, offline_grown_cfg, progress, f"{scratch}/after")
-        offline.destroy()
-        parts["grow_offline"] = time.perf_counter() - start - parts["save"]
-        loaded, _, _ = restored_engine(grown_folder, read_metadata(grown_folder), tp, pp)
-        dist.barrier()
-        roundtrip_seconds = time.perf_counter() - start
-        parts["load"] = roundtrip_seconds - parts["save"] - parts["grow_offline"]
-        loaded.destroy()
-        dist.barrier()
-
+    roundtrip_seconds, parts = None, None
+    if roundtrip:
+        roundtrip_seconds, parts = _roundtrip(engine, cfg, plan, dims)
     engine.destroy()
-    fresh = build_engine(build_gpt(grown_cfg.model, seed=seed + 1), grown_cfg, layout.dp)
-    grown_tps, fresh_tps, median_ratio = _alternate_throughput(grown, fresh, RandomBatches(grown_cfg, seed), throughput_steps)
+    del engine
+    grown_tps = fresh_tps = median_ratio = None
+    if throughput_steps:
+        fresh = build_engine(build_gpt(grown_cfg.model, dims, seed=seed + 1), grown_cfg, dims)
+        grown_tps, fresh_tps, median_ratio = _alternate_throughput(grown, fresh, RandomBatches(grown_cfg, seed, dims),
+                                                                   throughput_steps)
 
     floor = (_max(before) + _max(after)) / (2 * _min(bandwidth))
     result = {
-        "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "optimizer": optimizer, "bf16": model.bf16},
+        "layout": {**dims.describe(), "optimizer": optimizer, "bf16": model.bf16},
         "plan": report.plan,
         "params_before": report.params_before,
         "params_after": report.params_after,
@@ -133,17 +130,46 @@ def run(model, plan, tp: int, pp: int, optimizer: str, seed: int, throughput_ste
         "state_bytes_before": _gather(before),
         "state_bytes_after": _gather(after),
         "peak_rss_bytes": peaks,
-        "roundtrip_over_growth": roundtrip_seconds / growth_seconds,
+        "peak_device_bytes": report.peak_device_bytes,
+        "roundtrip_over_growth": None if roundtrip_seconds is None else roundtrip_seconds / growth_seconds,
         "growth_over_floor": growth_seconds / floor,
         "grown_tokens_per_second": grown_tps,
         "fresh_tokens_per_second": fresh_tps,
-        "throughput_ratio": grown_tps / fresh_tps,
+        "throughput_ratio": None if grown_tps is None else grown_tps / fresh_tps,
         "throughput_ratio_median_step": median_ratio,
         "throughput_steps": throughput_steps,
     }
-    if layout.rank == 0:
+    if dims.rank == 0:
         print(json.dumps(result), flush=True)
     return 0
+
+
+def _roundtrip(engine, cfg, plan, dims) -> tuple[float, dict]:
+    """Save, grow offline (load, grow, save) and load the grown checkpoint: seconds in all and by part."""
+    from mgrow.checkpoint import Progress, save
+    from mgrow.checkpoint.files import read_metadata
+    from mgrow.checkpoint.offline import restored_engine
+    from mgrow.growth import grow
+
+    with tempfile.TemporaryDirectory(prefix="mgrow-bench-") as scratch:
+        scratch = collectives.broadcast_object(scratch)
+        dist.barrier()
+        parts = {}
+        start = time.perf_counter()
+        folder = save(engine, cfg, Progress(step=2), f"{scratch}/before")
+        parts["save"] = time.perf_counter() - start
+        offline, offline_cfg, progress = restored_engine(folder, read_metadata(folder), dims)
+        offline, offline_grown_cfg, _ = grow(offline, offline_cfg, plan)
+        grown_folder = save(offline, offline_grown_cfg, progress, f"{scratch}/after")
+        offline.destroy()
+        parts["grow_offline"] = time.perf_counter() - start - parts["save"]
+        loaded, _, _ = restored_engine(grown_folder, read_metadata(grown_folder), dims)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        parts["load"] = seconds - parts["save"] - parts["grow_offline"]
+        loaded.destroy()
+        dist.barrier()
+    return seconds, parts
 
 
 def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, float, float]:
@@ -157,7 +183,7 @@ def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, flo
         for name, engine in (("grown", grown), ("fresh", fresh)):
             dist.barrier()
             start = time.perf_counter()
-            global_mean_loss(engine.train_step(batch))  # ends when the step has on every rank
+            global_mean_loss(engine.train_step(batch), engine.dims)  # ends when the step has on every rank
             if step > 0:  # the first step of each warms allocators
                 seconds[name].append(time.perf_counter() - start)
     slowest = {name: [max(per_rank) for per_rank in zip(*_gather(times))] for name, times in seconds.items()}
@@ -166,16 +192,8 @@ def _alternate_throughput(grown, fresh, batches, steps: int) -> tuple[float, flo
     return tokens / sum(slowest["grown"]), tokens / sum(slowest["fresh"]), median_ratio
 
 
-def _same_on_every_rank(path: str) -> str:
-    paths = [path]
-    dist.broadcast_object_list(paths, src=0)
-    return paths[0]
-
-
 def _gather(value: float) -> list:
-    values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
+    return collectives.gather_objects(value)
 
 
 def _max(value: float) -> float:
@@ -189,8 +207,8 @@ def _min(value: float) -> float:
 def command(args) -> int:
     """``mgrow bench growth``: validate, then start the job's local ranks (or run as one rank of a launcher)."""
     from mgrow.errors import ConfigError
+    from mgrow.parallel.dims import shutdown
     from mgrow.plan import load_plan
-    from mgrow.runtime import shutdown
     from mgrow.train.launch import check_job_flags, check_launcher_world, spawn_local, under_launcher
     from mgrow.verify import load_model_config
 
@@ -199,8 +217,8 @@ def command(args) -> int:
         model = model.replace(bf16=True)
     plan = load_plan(args.plan)
     check_job_flags(args.tp, args.pp, args.dp, args.optimizer)
-    if args.throughput_steps < 1:
-        raise ConfigError("--throughput-steps", f"must be >= 1, got {args.throughput_steps}")
+    if args.throughput_steps < 0:
+        raise ConfigError("--throughput-steps", f"must be >= 0 (0: no throughput comparison), got {args.throughput_steps}")
     for what, cfg in (("--model", model), (f"--plan {args.plan}", plan.validate(model)[-1])):
         try:
             cfg.check_layout(args.tp, args.pp)
@@ -211,10 +229,12 @@ def command(args) -> int:
         argv = ["bench", "growth", "--model", args.model, "--plan", args.plan, "--tp", str(args.tp),
                 "--pp", str(args.pp), "--dp", str(args.dp), "--optimizer", args.optimizer,
                 "--seed", str(args.seed), "--throughput-steps", str(args.throughput_steps), *(["--bf16"] * args.bf16),
-                *(["--profile", args.profile] if args.profile else [])]
+                *(["--profile", args.profile] if args.profile else []), *([] if args.roundtrip else ["--no-roundtrip"]),
+                "--device", args.device, "--backend", args.backend]
         return spawn_local(world, argv)
     check_launcher_world(world)
     try:
-        return run(model, plan, args.tp, args.pp, args.optimizer, args.seed, args.throughput_steps, args.profile)
+        return run(model, plan, args.tp, args.pp, args.optimizer, args.seed, args.throughput_steps, args.profile,
+                   args.roundtrip, args.device, args.backend)
     finally:
         shutdown()

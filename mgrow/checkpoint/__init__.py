@@ -27,6 +27,7 @@ from mgrow import faults
 from mgrow.checkpoint import files
 from mgrow.checkpoint.files import CheckpointError
 from mgrow.model_config import ModelConfig
+from mgrow.parallel import collectives
 
 RNG_FILE = "rng.pt"
 # Config fields a resume must keep: they decide which samples the data position points at.
@@ -78,26 +79,23 @@ def _format(kind: str):
 
 def save(engine, cfg, progress: Progress, root: str) -> Path:
     """Collective: write the whole training state as ``<root>/step_<progress.step>``, then point ``latest`` at it."""
-    from mgrow.runtime import current_layout
-
-    layout = current_layout()
+    dims = engine.dims
     tmp = files.temporary(root, progress.step)
-    if layout.rank == 0:
+    if dims.rank == 0:
         files.prepare(root, progress.step)
     dist.barrier()
     _format(_engine_kind(cfg.optimizer.type)).save(engine, str(tmp))
-    states: list = [None] * layout.world
-    dist.all_gather_object(states, _rng_state())
-    if layout.rank == 0:
+    states = collectives.gather_objects(_rng_state(dims))
+    if dims.rank == 0:
         torch.save(states, tmp / RNG_FILE)
     faults.kill_point("save", progress.step)
     dist.barrier()  # every rank's files are written
     final = Path(root) / files.step_name(progress.step)
-    if layout.rank == 0:
+    if dims.rank == 0:
         final = files.commit(root, progress.step, {
             "engine": _engine_kind(cfg.optimizer.type),
             "optimizer": cfg.optimizer.type,
-            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+            "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
             "model": cfg.model.to_dict(),
             "config": cfg.to_dict(),
             "progress": dataclasses.asdict(progress),
@@ -163,26 +161,30 @@ def replay_history(model: ModelConfig, events, history: list) -> ModelConfig:
 
 def load(engine, resume: Resume) -> None:
     """Collective: fill ``engine`` (built from ``resume.cfg`` on the current layout) with the saved state."""
-    from mgrow.runtime import current_layout
-
     kind = resume.metadata["engine"]
     _format(kind).load(engine, str(resume.folder), resume.metadata)
     engine.scheduler.num_steps = resume.metadata["scheduler_steps"]
     engine.scheduler.step(increment=0)
-    layout = current_layout()
-    if resume.metadata["layout"] == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}:
-        _set_rng_state(torch.load(resume.folder / RNG_FILE, weights_only=False)[layout.rank])
+    dims = engine.dims
+    if resume.metadata["layout"] == {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}:
+        _set_rng_state(torch.load(resume.folder / RNG_FILE, weights_only=True)[dims.rank], dims)
     # On another layout the ranks keep the seeded streams they started with (no rank maps to an old one).
 
 
-def _rng_state() -> dict:
+def _rng_state(dims) -> dict:
+    """This rank's generators as CPU tensors: torch's CPU one, its device's CUDA one, megatron's tracker."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    return {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if dims.is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state(dims.device)
+    return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, dims) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(state["cpu"])
+    if dims.is_cuda and "cuda" in state:  # a checkpoint saved on CPU ranks has no CUDA generator state
+        torch.cuda.set_rng_state(state["cuda"], dims.device)
     get_cuda_rng_tracker().set_states(state["tracker"])

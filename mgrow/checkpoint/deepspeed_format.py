@@ -58,14 +58,12 @@ def save(engine, folder: str) -> None:
 
 
 def load(engine, folder: str, metadata: dict) -> None:
-    from mgrow.runtime import current_layout
-
-    layout = current_layout()
-    if metadata["layout"] == {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}:
+    dims = engine.dims
+    if metadata["layout"] == {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}:
         engine.engine.load_checkpoint(folder, tag=TAG)
         return
     scratch = Path(folder).parent / f".universal.{Path(folder).name}"
-    if layout.rank == 0:
+    if dims.rank == 0:
         _to_universal(Path(folder) / TAG, scratch)
     dist.barrier()
     config = engine.engine._config
@@ -77,7 +75,7 @@ def load(engine, folder: str, metadata: dict) -> None:
     finally:
         config.load_universal_checkpoint = False
         dist.barrier()
-        if layout.rank == 0:
+        if dims.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -52,20 +52,20 @@ def fuse_command(args) -> int:
                                        "replace the one it is made from)")
     if not under_launcher():
         argv = ["fuse", "--a", str(folder_a), "--b", str(folder_b), "--out", args.out,
-                "--tp", str(tp), "--pp", str(pp), "--dp", str(dp)]
+                "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--device", args.device, "--backend", args.backend]
         return spawn_local(tp * pp * dp, argv)
     check_launcher_world(tp * pp * dp)
-    return _fuse_job((folder_a, metadata_a), (folder_b, metadata_b), args.out, tp, pp)
+    return _fuse_job((folder_a, metadata_a), (folder_b, metadata_b), args.out, tp, pp, args.device, args.backend)
 
 
-def _fuse_job(a, b, out: str, tp: int, pp: int) -> int:
-    from mgrow.runtime import init_distributed, shutdown
+def _fuse_job(a, b, out: str, tp: int, pp: int, device: str, backend: str) -> int:
+    from mgrow.parallel.dims import init_distributed, shutdown
     from mgrow.verify import random_tokens
 
     try:
-        init_distributed(tp, pp, a[1]["config"]["train"]["seed"])
-        engine_a, cfg, _ = restored_engine(*a, tp, pp)
-        engine_b, _, _ = restored_engine(*b, tp, pp)
+        dims = init_distributed(tp, pp, a[1]["config"]["train"]["seed"], device=device, backend=backend)
+        engine_a, cfg, _ = restored_engine(*a, dims)
+        engine_b, _, _ = restored_engine(*b, dims)
         fused_cfg = dataclasses.replace(cfg, model=fused_config(cfg.model, cfg.model))
         engine = fuse_engines(engine_a, engine_b, cfg.model, fused_cfg)
         tokens = random_tokens(cfg.model, 0, batch=2, seq=cfg.train.seq_length)
@@ -89,25 +89,24 @@ def fuse_engines(engine_a, engine_b, model_cfg, fused_cfg):
     Weights from A's and B's fp32 masters; Adam moments by the same rules with A's step (none when A
     has taken no step yet).
     """
-    from mgrow.growth.shards import Grid, gather_tp, split_tp
+    from mgrow.growth.shards import gather_tp, split_tp
     from mgrow.growth.transaction import agreed_step
     from mgrow.layouts import megatron as layout_table
     from mgrow.layouts.optimizer_state import MOMENTS
     from mgrow.model import build_gpt, global_names, load_full_tensors
-    from mgrow.runtime import current_layout
     from mgrow.train.engines import build_engine
 
-    grid = Grid()
+    dims = engine_a.dims
     sources = [({name: param for _, name, param in global_names(e.module)}, e.optimizer_state())
                for e in (engine_a, engine_b)]
 
     def full_of(name: str, read) -> list[torch.Tensor]:
         """A's and B's full tensor ``read(state, param)`` of parameter ``name`` (collective over TP)."""
         layout = layout_table.layout_of(name, model_cfg.gated_linear_unit)
-        return [gather_tp(read(state, params[name]), layout, grid) for params, state in sources]
+        return [gather_tp(read(state, params[name]), layout, dims) for params, state in sources]
 
     def shard(name: str, full: torch.Tensor) -> torch.Tensor:
-        return split_tp(full, layout_table.layout_of(name, model_cfg.gated_linear_unit), grid)
+        return split_tp(full, layout_table.layout_of(name, model_cfg.gated_linear_unit), dims)
 
     masters: dict[str, torch.Tensor] = {}
 
@@ -117,15 +116,15 @@ def fuse_engines(engine_a, engine_b, model_cfg, fused_cfg):
             masters[name] = shard(name, fused)
         return fused
 
-    model = build_gpt(fused_cfg.model, initialize=False)
-    load_full_tensors(model, fused_cfg.model, fused_weight)
-    engine = build_engine(model, fused_cfg, current_layout().dp)
+    model = build_gpt(fused_cfg.model, dims, initialize=False)
+    load_full_tensors(model, fused_cfg.model, fused_weight, dims)
+    engine = build_engine(model, fused_cfg, dims)
     state = engine.optimizer_state()
     fused_params = [(name, param) for _, name, param in global_names(engine.module)]
     if fused_cfg.model.bf16:  # the parameters hold the bf16 rounding; the fp32 masters get the fused values
         for name, param in fused_params:
             state.set_master(param, masters.pop(name))
-    step = agreed_step(sources[0][1].step())
+    step = agreed_step(dims, sources[0][1].step())
     if step is None:
         return engine
     state.init(step)
@@ -139,12 +138,12 @@ def fuse_engines(engine_a, engine_b, model_cfg, fused_cfg):
 def logit_deviation(engine_a, engine_b, engine, tokens: torch.Tensor) -> dict:
     """max |z_F - (z_A + z_B) / 2| and max |(z_A + z_B) / 2| over every rank's logits (vocab slices)."""
     z_a, z_b, z_f = (e.logits(tokens) for e in (engine_a, engine_b, engine))
-    values = torch.zeros(3, dtype=torch.float64)
+    values = torch.zeros(3, dtype=torch.float64, device=engine.dims.comm_device)
     if z_f is not None:
         average = (z_a.float() + z_b.float()) / 2
-        values[0] = (z_f.float() - average).abs().max()
-        values[1] = average.abs().max()
-        values[2] = (z_a.float() - z_b.float()).abs().max()
+        values[0] = float((z_f.float() - average).abs().max())
+        values[1] = float(average.abs().max())
+        values[2] = float((z_a.float() - z_b.float()).abs().max())
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return {"max_abs_logit_diff_vs_average": float(values[0]), "max_abs_logit_average": float(values[1]),
             "max_abs_logit_diff_a_b": float(values[2])}

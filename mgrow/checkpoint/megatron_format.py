@@ -85,7 +85,8 @@ def load(engine, folder: str, metadata: dict) -> None:
     distributed.load_state_dict(optimizer)  # param groups, and Adam's step from them
     # Bug 2: the per-parameter copy expects every state key, but the loaded tensors leave out ``step``.
     inner = distributed.optimizer.state
-    steps = {param: state.pop("step") for param, state in inner.items()}
+    # (an optimizer that keeps its step in the param groups, FusedAdam, has none here)
+    steps = {param: state.pop("step") for param, state in inner.items() if "step" in state}
     try:
         distributed.load_parameter_state_from_fully_reshardable(param_state)
     finally:

@@ -28,27 +28,27 @@ def read(path: str, field: str):
     return folder, metadata, ModelConfig.from_dict(metadata["model"])
 
 
-def training_config(metadata: dict, tp: int, pp: int):
-    """The config a checkpoint was saved with, on layout tp x pp, without its schedule, checkpoints or W&B."""
+def training_config(metadata: dict, dims):
+    """The config a checkpoint was saved with, on this job's layout and device, without its schedule,
+    checkpoints or W&B."""
     from mgrow.train.config import from_dict
 
-    raw = {**metadata["config"], "model": metadata["model"], "parallel": {"tp": tp, "pp": pp},
+    parallel = {"tp": dims.tp, "pp": dims.pp, "device": dims.device.type, "backend": dims.backend}
+    raw = {**metadata["config"], "model": metadata["model"], "parallel": parallel,
            "growth": None, "wandb": None, "checkpoint": {}}
     raw["train"] = {**raw["train"], "metrics_path": None, "progress": False}
     return from_dict(raw)
 
 
-def restored_engine(folder, metadata, tp: int, pp: int):
-    """An engine on the current layout holding the checkpoint's model and optimizer state."""
-    from megatron.core import parallel_state as ps
-
+def restored_engine(folder, metadata, dims):
+    """An engine on this job's layout and device holding the checkpoint's model and optimizer state."""
     from mgrow.model import build_gpt
     from mgrow.train.engines import build_engine
 
-    cfg = training_config(metadata, tp, pp)
+    cfg = training_config(metadata, dims)
     progress = Progress.from_metadata(metadata)
     resume = Resume(folder, metadata, cfg, progress)
-    engine = build_engine(build_gpt(cfg.model, seed=cfg.train.seed), cfg, ps.get_data_parallel_world_size())
+    engine = build_engine(build_gpt(cfg.model, dims, seed=cfg.train.seed), cfg, dims)
     load(engine, resume)
     return engine, cfg, progress
 
@@ -79,22 +79,22 @@ def grow_command(args) -> int:
                                    "replace the one it is made from)")
     if not under_launcher():
         argv = ["grow-checkpoint", "--in", str(folder), "--plan", args.plan, "--out", args.out,
-                "--tp", str(tp), "--pp", str(pp), "--dp", str(dp)]
+                "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--device", args.device, "--backend", args.backend]
         return spawn_local(tp * pp * dp, argv)
     check_launcher_world(tp * pp * dp)
-    return _grow_job(folder, metadata, plan, args.out, tp, pp)
+    return _grow_job(folder, metadata, plan, args.out, tp, pp, args.device, args.backend)
 
 
-def _grow_job(folder, metadata, plan, out: str, tp: int, pp: int) -> int:
+def _grow_job(folder, metadata, plan, out: str, tp: int, pp: int, device: str, backend: str) -> int:
     import torch.distributed as dist
 
     from mgrow.growth import grow
-    from mgrow.runtime import init_distributed, shutdown
+    from mgrow.parallel.dims import init_distributed, shutdown
     from mgrow.verify import random_tokens
 
     try:
-        init_distributed(tp, pp, metadata["config"]["train"]["seed"])
-        engine, cfg, progress = restored_engine(folder, metadata, tp, pp)
+        dims = init_distributed(tp, pp, metadata["config"]["train"]["seed"], device=device, backend=backend)
+        engine, cfg, progress = restored_engine(folder, metadata, dims)
         tokens = random_tokens(cfg.model, 0, batch=2, seq=cfg.train.seq_length)
         start = time.perf_counter()
         engine, grown_cfg, report = grow(engine, cfg, plan, check_tokens=tokens)
@@ -115,13 +115,14 @@ def _grow_job(folder, metadata, plan, out: str, tp: int, pp: int) -> int:
 # ----------------------------------------------------------------------------- verify --before --after
 
 
-def verify_checkpoints(before: str, after: str, tol: float, seed: int) -> int:
+def verify_checkpoints(before: str, after: str, tol: float, seed: int, device: str = "auto",
+                       backend: str = "auto") -> int:
     """Logits of A and B's models (TP=1, PP=1, one process) on one batch; one JSON line; 1 beyond ``tol``.
 
     When both hold the same model, the weights and Adam moments are compared too (max-abs; 0.0 = bitwise).
     """
     from mgrow.growth.verify_job import gather_state
-    from mgrow.runtime import init_single_process
+    from mgrow.parallel.dims import init_single_process
     from mgrow.verify import random_tokens
 
     checkpoints = [read(before, "--before"), read(after, "--after")]
@@ -129,13 +130,13 @@ def verify_checkpoints(before: str, after: str, tol: float, seed: int) -> int:
     if len(vocab) != 1:
         raise ConfigError("--after", f"the checkpoints have different vocabularies ({sorted(vocab)}): their "
                                      "logits cannot be compared")
-    init_single_process()
+    dims = init_single_process(device=device, backend=backend)
     seq = min(min(m.max_sequence_length for _, _, m in checkpoints), checkpoints[0][1]["config"]["train"]["seq_length"])
     tokens = random_tokens(checkpoints[0][2], seed, batch=2, seq=seq)
     same_model = checkpoints[0][2] == checkpoints[1][2]
     logits, params, states = [], [], []
     for folder, metadata, model in checkpoints:
-        engine, _, _ = restored_engine(folder, metadata, 1, 1)
+        engine, _, _ = restored_engine(folder, metadata, dims)
         logits.append(engine.logits(tokens).float())
         params.append(model.num_parameters())
         if same_model:

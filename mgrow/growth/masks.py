@@ -113,7 +113,8 @@ def free_masked_entries(name: str, tensor: torch.Tensor, tmap: TensorMap, values
     if not bool(new.any()):
         return tensor
     out = tensor.clone()
-    out[new] = values.draw(name, tuple(tensor.shape)).to(tensor.dtype)[new]
+    new = new.to(tensor.device)
+    out[new] = values.draw(name, tuple(tensor.shape)).to(device=tensor.device, dtype=tensor.dtype)[new]
     return out
 
 
@@ -137,13 +138,12 @@ class GrowthMasks:
         self._handles = []
 
     @classmethod
-    def install(cls, model, steps, old_cfg, values, m: float = 0.0) -> "GrowthMasks":
-        """Hooks on ``model`` (a grown stage) for the growth ``steps`` (plan steps from ``old_cfg``)."""
-        from mgrow.growth.shards import Grid
-
+    def install(cls, model, steps, old_cfg, values, dims, m: float = 0.0) -> "GrowthMasks":
+        """Hooks on ``model`` (a grown stage on ``dims.device``) for the growth ``steps`` (plan steps from
+        ``old_cfg``). The flags are worked out on the CPU and kept on the activations' device."""
         masks = cls(m)
-        flags = _Flags(steps, old_cfg, values, Grid())
-        hidden_new = flags.hidden()
+        flags = _Flags(steps, old_cfg, values, dims)
+        hidden_new = flags.hidden().to(dims.device)
         has_hidden = bool(hidden_new.any())
         if has_hidden:
             if getattr(model, "pre_process", False):
@@ -159,7 +159,7 @@ class GrowthMasks:
         for layer in model.decoder.layers:
             prefix = f"decoder.layers.{layer.layer_number - 1}."
             if flags.is_new_layer(prefix + "self_attention.linear_proj.weight"):
-                everything = torch.ones(1, dtype=torch.bool)  # a new layer: its whole branch is behind m
+                everything = torch.ones(1, dtype=torch.bool, device=dims.device)  # a new layer: its whole branch is behind m
                 masks._hook(layer.self_attention, masks._branch_hook(everything))
                 masks._hook(layer.mlp, masks._branch_hook(everything))
                 continue
@@ -168,7 +168,7 @@ class GrowthMasks:
                 masks._hook(layer.mlp, masks._branch_hook(hidden_new))
             for module, name in ((layer.self_attention.linear_proj, "self_attention.linear_proj.weight"),
                                  (layer.mlp.linear_fc2, "mlp.linear_fc2.weight")):
-                columns = flags.local_columns(prefix + name)
+                columns = flags.local_columns(prefix + name).to(dims.device)
                 if bool(columns.any()):
                     masks._pre_hook(module, masks._input_hook(columns))
         return masks
@@ -176,7 +176,8 @@ class GrowthMasks:
     # ------------------------------------------------------------------ hooks
     def _factor(self, new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """1 on old coordinates, m on new ones, in ``like``'s dtype (a [n] vector or a [1] scalar)."""
-        return torch.where(new, torch.tensor(self.m, dtype=like.dtype), torch.tensor(1.0, dtype=like.dtype))
+        m = torch.tensor(self.m, dtype=like.dtype, device=like.device)
+        return torch.where(new, m, torch.ones((), dtype=like.dtype, device=like.device))
 
     def _hook(self, module, fn) -> None:
         self._handles.append(module.register_forward_hook(fn))
@@ -206,7 +207,8 @@ class GrowthMasks:
         """The new coordinates moved to the padding value p + m (x_N - p) (p: 0, or the old coordinates' mean)."""
         def hook(module, args):
             x = args[0]
-            pad = x[..., ~new].mean(dim=-1, keepdim=True) if padding == "mean" else torch.zeros((), dtype=x.dtype)
+            pad = (x[..., ~new].mean(dim=-1, keepdim=True) if padding == "mean"
+                   else torch.zeros((), dtype=x.dtype, device=x.device))
             return (torch.where(new, pad + self.m * (x - pad), x), *args[1:])
         return hook
 
@@ -233,21 +235,22 @@ class MaskRamp:
 class _Flags:
     """Which coordinates, units and layers are new, from the growth's index maps, as this rank holds them."""
 
-    def __init__(self, steps, old_cfg, values, grid):
+    def __init__(self, steps, old_cfg, values, dims):
         from mgrow.layouts.megatron import parameter_shapes
 
-        self.steps, self.values, self.grid = steps, values, grid
+        self.steps, self.values, self.dims = steps, values, dims
         self.old_cfg, self.new_cfg = old_cfg, steps[-1].grown
         self.old_shapes = parameter_shapes(old_cfg)
 
     def _map(self, name: str) -> Optional[TensorMap]:
-        """The index map of grown tensor ``name`` (None: a new tensor), from a zero stand-in of the original."""
+        """The index map of grown tensor ``name`` (None: a new tensor), from a zero stand-in of the original
+        (on the CPU: only the map is used)."""
         from mgrow.plan import grow_one, original_source
 
         source = original_source(self.steps, name)
         if source is None:
             return None
-        return grow_one(self.steps, self.values, name, torch.zeros(self.old_shapes[source]))[1]
+        return grow_one(self.steps, self.values, name, torch.zeros(self.old_shapes[source], device="cpu"))[1]
 
     def is_new_layer(self, name: str) -> bool:
         from mgrow.plan import original_source
@@ -264,5 +267,5 @@ class _Flags:
 
         tmap = self._map(name)
         new = tmap.axes[1].is_new
-        layout, rows = shard_rows(name, tmap, self.old_shapes[tmap.old_name], self.new_cfg, self.grid)
-        return take_shard(new.view(1, -1), layout, rows, self.grid).view(-1)
+        layout, rows = shard_rows(name, tmap, self.old_shapes[tmap.old_name], self.new_cfg, self.dims)
+        return take_shard(new.view(1, -1), layout, rows, self.dims).view(-1)

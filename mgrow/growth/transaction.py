@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from mgrow import faults
+from mgrow import device_memory, faults
 from mgrow.errors import ConfigError
 from mgrow.growth.masks import GrowthMasks, free_masked_entries
-from mgrow.growth.shards import Grid, gather_tp, move_between_stages, shard_rows, source_stage, take_shard
+from mgrow.growth.shards import gather_tp, move_between_stages, shard_rows, source_stage, take_shard
 from mgrow.layouts import megatron as layout_table
 from mgrow.layouts.optimizer_state import MOMENTS
 from mgrow.model import build_gpt, global_names
 from mgrow.ops import carry_moment
+from mgrow.parallel import collectives
 from mgrow.plan import Plan, grow_one, load_plan, original_source
 
 class GrowthError(RuntimeError):
@@ -53,6 +53,7 @@ class GrowthReport:
     max_abs_logit_diff: Optional[float]  # on the check batch, None without one
     plan: dict
     masks: Optional[object] = None  # masked growth: this rank's GrowthMasks (mgrow.growth.masks), at m = 0
+    peak_device_bytes: Optional[int] = None  # CUDA: max over ranks of max_memory_allocated during growth
 
 
 def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
@@ -73,24 +74,25 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     steps = plan.steps(cfg.model)  # refuses an impossible plan on every rank, before anything changes
     grown = steps[-1].grown
-    grid = Grid()
+    dims = engine.dims
     try:
-        grown.check_layout(grid.tp, grid.pp)
+        grown.check_layout(dims.tp, dims.pp)
     except ConfigError as error:
-        raise ConfigError("plan", f"the grown model does not fit tp={grid.tp}, pp={grid.pp}: {error}") from None
+        raise ConfigError("plan", f"the grown model does not fit tp={dims.tp}, pp={dims.pp}: {error}") from None
     new_cfg = dataclasses.replace(cfg, model=grown)
-    agree = _Agreement()
+    agree = _Agreement(dims)
 
-    start = time.perf_counter()
     before = engine.logits(check_tokens) if check_tokens is not None else None
-    rng_state = _RngState()
+    device_memory.reset_peak(dims.device)
+    start = time.perf_counter()
+    rng_state = _RngState(dims)
     new_engine = None
     try:
-        new_model = agree.run("build", lambda: build_gpt(grown, initialize=False))
-        mover = _Mover(steps, plan.free_values(cfg.model), cfg.model, grid, agree, masked)
+        new_model = agree.run("build", lambda: build_gpt(grown, dims, initialize=False))
+        mover = _Mover(steps, plan.free_values(cfg.model), cfg.model, dims, agree, masked)
         mover.weights(engine, new_model)
         rng_state.restore()  # building consumed random numbers; training continues on the same stream
-        new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, _dp()))
+        new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, dims))
         if grown.bf16:
             agree.run("fp32 masters", lambda: mover.set_masters(new_engine))
         if optimizer_state == "keep":
@@ -98,28 +100,33 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
         _carry_schedule(engine, new_engine)
         if masked:
             growth_masks = agree.run("masks", lambda: GrowthMasks.install(
-                new_engine.module, steps, cfg.model, plan.free_values(cfg.model)))
+                new_engine.module, steps, cfg.model, plan.free_values(cfg.model), dims))
     except BaseException:
         if new_engine is not None:
             new_engine.destroy()
         rng_state.restore()
         raise
+    if dims.is_cuda:
+        torch.cuda.synchronize(dims.device)
     seconds = time.perf_counter() - start
+    peak = device_memory.peak(dims.device)
+    if peak is not None:
+        peak = int(collectives.reduce_scalar(dims, peak, "max"))
     diff = None
     if check_tokens is not None:
-        diff = _max_abs_diff(before, new_engine.logits(check_tokens))
+        diff = _max_abs_diff(dims, before, new_engine.logits(check_tokens))
     if not keep_old:
         engine.destroy()
     report = GrowthReport(cfg.model.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
-                          growth_masks if masked else None)
+                          growth_masks if masked else None, peak)
     return new_engine, new_cfg, report
 
 
 class _Mover:
     """The two passes over the grown model's parameters (global names, one fixed order on every rank)."""
 
-    def __init__(self, steps, values, old_cfg, grid: Grid, agree: "_Agreement", masked: bool = False):
-        self.steps, self.values, self.grid, self.agree = steps, values, grid, agree
+    def __init__(self, steps, values, old_cfg, dims, agree: "_Agreement", masked: bool = False):
+        self.steps, self.values, self.dims, self.agree = steps, values, dims, agree
         # masked growth draws the masked new entries from their own stream, after the plan's operators'
         self.mask_values = values.for_stream(len(steps)) if masked else None
         self.old_cfg, self.new_cfg = old_cfg, steps[-1].grown
@@ -133,21 +140,21 @@ class _Mover:
     def _route(self, name: str):
         """(old source name or None, old holders, new holders) of grown parameter ``name``."""
         source = original_source(self.steps, name)
-        holders = () if source is None else layout_table.stages_of(source, self.old_cfg, self.grid.pp)
-        return source, holders, layout_table.stages_of(name, self.new_cfg, self.grid.pp)
+        holders = () if source is None else layout_table.stages_of(source, self.old_cfg, self.dims.pp)
+        return source, holders, layout_table.stages_of(name, self.new_cfg, self.dims.pp)
 
     def _gathered(self, source, holders, destinations, read) -> Optional[torch.Tensor]:
         """The full old tensor ``read(source)``, on this rank if it is a destination."""
         needed = {source_stage(d, holders) for d in destinations}
-        full = read(source) if self.grid.stage in needed else None
-        return move_between_stages(full, self.old_shapes[source], holders, destinations, self.grid)
+        full = read(source) if self.dims.stage in needed else None
+        return move_between_stages(full, self.old_shapes[source], holders, destinations, self.dims)
 
     def _my_shard(self, tensor, name, tmap):
         if name not in self.maps:
             old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
-            self.maps[name] = (tmap, *shard_rows(name, tmap, old_shape, self.new_cfg, self.grid))
+            self.maps[name] = (tmap, *shard_rows(name, tmap, old_shape, self.new_cfg, self.dims))
         _, layout, rows = self.maps[name]
-        return take_shard(tensor, layout, rows, self.grid)
+        return take_shard(tensor, layout, rows, self.dims)
 
     def weights(self, engine, new_model) -> None:
         old = _by_global_name(engine.module)
@@ -156,17 +163,17 @@ class _Mover:
 
         def read(source):
             layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
-            return gather_tp(state.master(old[source]), layout, self.grid)
+            return gather_tp(state.master(old[source]), layout, self.dims)
 
         for name in self.new_shapes:
             source, holders, destinations = self._route(name)
             full = None if source is None else self._gathered(source, holders, destinations, read)
             error = None
-            if self.grid.stage in destinations:
+            if self.dims.stage in destinations:
                 try:
                     faults.growth_failure_point("weights", name)
                     faults.kill_point("growth", name)
-                    tensor, tmap = grow_one(self.steps, self.values, name, full)
+                    tensor, tmap = grow_one(self.steps, self.values, name, full, self.dims.device)
                     if self.mask_values is not None:
                         tensor = free_masked_entries(name, tensor, tmap, self.mask_values)
                     shard = self._my_shard(tensor, name, tmap)
@@ -189,7 +196,7 @@ class _Mover:
     def moments(self, engine, new_engine) -> None:
         """Adam moments, one moment of one parameter at a time (m and v follow the weight's index map)."""
         old_state, new_state = engine.optimizer_state(), new_engine.optimizer_state()
-        step = agreed_step(old_state.step())
+        step = agreed_step(self.dims, old_state.step())
         if step is None:  # no optimizer step taken yet: the new optimizer starts fresh too
             return
         new_state.init(step)
@@ -203,9 +210,9 @@ class _Mover:
             layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
             error = None
             for key in MOMENTS:
-                read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.grid)  # noqa: E731
+                read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.dims)  # noqa: E731
                 full = self._gathered(source, holders, destinations, read)
-                if self.grid.stage not in destinations or error is not None:
+                if self.dims.stage not in destinations or error is not None:
                     continue
                 try:
                     faults.growth_failure_point("moments", name)
@@ -220,14 +227,13 @@ class _Mover:
 class _Agreement:
     """After each unit of local work: did any rank fail? Then every rank raises the same GrowthError."""
 
+    def __init__(self, dims):
+        self.dims = dims
+
     def check(self, error: Optional[BaseException], what: str) -> None:
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag[0]) == 0:
+        if not collectives.any_rank(self.dims, error is not None):
             return
-        messages: list = [None] * dist.get_world_size()
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        dist.all_gather_object(messages, mine)
+        messages = collectives.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
         failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
         raise GrowthError(f"growth failed at {what} ({failed}); every rank keeps its old model and optimizer") from error
 
@@ -242,18 +248,22 @@ class _Agreement:
 
 
 class _RngState:
-    """torch's CPU generator and megatron's model-parallel RNG tracker, as they were."""
+    """torch's CPU generator, the device's CUDA generator and megatron's model-parallel RNG tracker, as they were."""
 
-    def __init__(self):
+    def __init__(self, dims):
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+        self.device = dims.device
         self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if dims.is_cuda else None
         self.tracker = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
 
     def restore(self) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
         get_cuda_rng_tracker().set_states({k: v.clone() for k, v in self.tracker.items()})
 
 
@@ -261,13 +271,15 @@ def _by_global_name(model) -> dict:
     return {name: param for _, name, param in global_names(model)}
 
 
-def agreed_step(step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The Adam step every rank continues from (a rank that owns no optimizer state has none of its own)."""
-    value = torch.tensor([-1.0 if step is None else float(step)], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    if float(value[0]) < 0:
+def agreed_step(dims, step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The Adam step every rank continues from (a rank that owns no optimizer state has none of its own).
+
+    A CPU tensor, as torch's Adam keeps its step (not capturable, not fused).
+    """
+    value = collectives.reduce_scalar(dims, -1.0 if step is None else float(step), "max")
+    if value < 0:
         return None
-    return torch.tensor(float(value[0]), dtype=torch.float32)
+    return torch.tensor(value, dtype=torch.float32, device="cpu")
 
 
 def _carry_schedule(old, new) -> None:
@@ -279,14 +291,6 @@ def _carry_schedule(old, new) -> None:
             setattr(new.engine, counter, getattr(old.engine, counter))
 
 
-def _max_abs_diff(before, after) -> float:
+def _max_abs_diff(dims, before, after) -> float:
     local = 0.0 if before is None else float((after.float() - before.float()).abs().max())
-    value = torch.tensor([local], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value[0])
-
-
-def _dp() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_world_size()
+    return collectives.reduce_scalar(dims, local, "max")

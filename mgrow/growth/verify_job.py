@@ -15,24 +15,28 @@ For each plan, against the engine trained for two steps:
   engine with the same batch, old slice vs old model (null for plans that
   rescale old weights or change epsilon: their gradients move);
 * ``growth_seconds``, ``peak_rss_bytes`` (max over ranks, whole process) and
-  ``peak_rss_growth_bytes`` (max over ranks, during growth only).
+  ``peak_rss_growth_bytes`` (max over ranks, during growth only); on CUDA
+  ``peak_device_growth_bytes`` (``torch.cuda.max_memory_allocated`` during growth, max over ranks).
 
-Gathering whole models here is for checking only; growth itself never does.
+Gathering whole models here is for checking only; growth itself never does. The
+reference runs on the gathered CPU tensors; on CUDA ranks torch's deterministic
+algorithms are on (warn-only where an op has no deterministic kernel), so the
+exact comparisons compare one computation each.
 """
 
 from __future__ import annotations
 
 import json
 import torch
-import torch.distributed as dist
 
 from mgrow import rss
-from mgrow.growth.shards import Grid, gather_tp, shard_local
+from mgrow.growth.shards import gather_tp, shard_local
 from mgrow.layouts import megatron as layout_table
 from mgrow.layouts.optimizer_state import MOMENTS
 from mgrow.model import global_names
 from mgrow.model_config import ModelConfig
 from mgrow.ops import Kind, apply_to_optimizer_state, carry
+from mgrow.parallel import collectives
 from mgrow.plan import Plan, apply_plan
 
 STEP_TOL = 1e-6
@@ -59,12 +63,13 @@ def bf16_logit_tol(max_abs_logit: float, num_layers: int) -> float:
     return (2 * num_layers + 3) * BF16_UNIT_ROUNDOFF * max_abs_logit
 
 
-def train_config(model: ModelConfig, tp: int, pp: int, optimizer: str, dp: int, seq_length: int):
+def train_config(model: ModelConfig, dims, optimizer: str, seq_length: int):
     from mgrow.train.config import DataConfig, OptimizerConfig, ParallelConfig, TrainConfig, TrainLoopConfig
 
+    dp = dims.dp
     return TrainConfig(
         model=model,
-        parallel=ParallelConfig(tp, pp),
+        parallel=ParallelConfig(dims.tp, dims.pp, device=dims.device.type, backend=dims.backend),
         # No clipping: the new weights' gradients would enter the global norm (GROWTH_MATH, optimizer state).
         optimizer=OptimizerConfig(type=optimizer, lr=ADAM_LR, min_lr=ADAM_LR / 10, warmup_steps=1, clip_grad=0.0, eps=ADAM_EPS),
         train=TrainLoopConfig(steps=100, micro_batch_size=2, global_batch_size=4 * dp, seq_length=seq_length,
@@ -74,48 +79,43 @@ def train_config(model: ModelConfig, tp: int, pp: int, optimizer: str, dp: int, 
 
 
 class RandomBatches:
-    """Token batches of global step ``i``: this DP rank's micro-batches, the same on every layout."""
+    """Token batches of global step ``i``: this DP rank's micro-batches (CPU), the same on every layout."""
 
-    def __init__(self, cfg, seed: int):
-        from megatron.core import parallel_state as ps
-
+    def __init__(self, cfg, seed: int, dims):
         t = cfg.train
         self.vocab, self.seq, self.seed = cfg.model.vocab_size, t.seq_length, seed
         self.gbs, self.mbs = t.global_batch_size, t.micro_batch_size
-        self.per_rank = self.gbs // ps.get_data_parallel_world_size()
-        self.offset = ps.get_data_parallel_rank() * self.per_rank
+        self.per_rank = self.gbs // dims.dp
+        self.offset = dims.dp_rank * self.per_rank
 
     def __call__(self, step: int) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + step)
-        tokens = torch.randint(0, self.vocab, (self.gbs, self.seq + 1), generator=generator)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * 7919 + step)
+        tokens = torch.randint(0, self.vocab, (self.gbs, self.seq + 1), generator=generator, device="cpu")
         return list(tokens[self.offset : self.offset + self.per_rank].split(self.mbs))
 
 
 def gather_state(engine, cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
     """{"weight"|"param"|"exp_avg"|"exp_avg_sq": {global name: full tensor}} on every rank (checking only).
 
-    "weight" is the fp32 master, "param" the model's own parameter (bf16 in a bf16 model).
+    "weight" is the fp32 master, "param" the model's own parameter (bf16 in a bf16 model). Full tensors
+    come back on the CPU.
     """
-    grid = Grid()
+    dims = engine.dims
     params = {name: p for _, name, p in global_names(engine.module)}
     state = engine.optimizer_state()
-    has_moments = _any_rank(state.step() is not None)
+    has_moments = collectives.any_rank(dims, state.step() is not None)
     local = {"weight": {}, "param": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name in layout_table.parameter_shapes(cfg):
-        if grid.stage not in layout_table.stages_of(name, cfg, grid.pp):
+        if dims.stage not in layout_table.stages_of(name, cfg, dims.pp):
             continue
         layout = layout_table.layout_of(name, cfg.gated_linear_unit)
-        local["weight"][name] = gather_tp(state.master(params[name]), layout, grid)
-        local["param"][name] = gather_tp(_model_value(params[name]), layout, grid)
+        local["weight"][name] = gather_tp(state.master(params[name]), layout, dims).cpu()
+        local["param"][name] = gather_tp(_model_value(params[name]), layout, dims).cpu()
         if has_moments:
             for key in MOMENTS:
-                local[key][name] = gather_tp(state.moment(params[name], key), layout, grid)
-    from megatron.core import parallel_state as ps
-
-    stages: list = [None] * grid.pp
-    dist.all_gather_object(stages, local, group=ps.get_pipeline_model_parallel_group())
+                local[key][name] = gather_tp(state.moment(params[name], key), layout, dims).cpu()
     merged = {key: {} for key in local}
-    for stage in stages:
+    for stage in collectives.gather_objects(local, group=dims.pp_group):
         for key in merged:
             merged[key].update(stage[key])
     return merged
@@ -137,23 +137,26 @@ def rescales(result, cfg: ModelConfig) -> bool:
     return any(bool((axis.scale[axis.src >= 0] != 1).any()) for tmap in result.maps.values() for axis in tmap.axes)
 
 
-def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str, seed: int, tol: float) -> int:
+def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str, seed: int, tol: float,
+        device: str = "auto", backend: str = "auto") -> int:
     from mgrow.growth import grow
     from mgrow.model import build_gpt
-    from mgrow.runtime import init_distributed
+    from mgrow.parallel.dims import init_distributed
     from mgrow.train.engines import build_engine
     from mgrow.verify import random_state, random_tokens
 
-    layout = init_distributed(tp, pp, seed)
-    cfg = train_config(model, tp, pp, optimizer, layout.dp, min(16, model.max_sequence_length))
-    cfg.check_world(layout.world)
-    engine = build_engine(build_gpt(model, init=random_state(model, seed)), cfg, layout.dp)
-    batches = RandomBatches(cfg, seed)
+    dims = init_distributed(tp, pp, seed, device=device, backend=backend)
+    if dims.is_cuda:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg = train_config(model, dims, optimizer, min(16, model.max_sequence_length))
+    cfg.check_world(dims.world)
+    engine = build_engine(build_gpt(model, dims, init=random_state(model, seed, dims)), cfg, dims)
+    batches = RandomBatches(cfg, seed, dims)
     for step in range(2):
         engine.train_step(batches(step))
     original = gather_state(engine, model)
     check_tokens = random_tokens(model, seed, batch=2, seq=cfg.train.seq_length)
-    max_abs_logit = _max_abs_logit(engine.logits(check_tokens))
+    max_abs_logit = _max_abs_logit(dims, engine.logits(check_tokens))
 
     reports, stepped = [], []
     for plan in plans:
@@ -177,7 +180,7 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
             logit_tol = max(tol, bf16_logit_tol(max_abs_logit, grown_cfg.model.num_layers))
         reports.append({
             "plan": plan.to_dict(),
-            "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "optimizer": optimizer},
+            "layout": {**dims.describe(), "optimizer": optimizer},
             "bf16": model.bf16,
             "params_before": report.params_before,
             "params_after": report.params_after,
@@ -191,8 +194,9 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
             "max_abs_params_vs_masters": max(
                 _max_abs(grown["param"][n].float(), grown["weight"][n].to(model.dtype).float()) for n in grown["weight"]),
             "max_abs_step_equivalence": None,
-            "growth_seconds": _max_over_ranks(report.growth_seconds),
-            "peak_rss_growth_bytes": int(_max_over_ranks(max(0, growth_rss))),
+            "growth_seconds": collectives.reduce_scalar(dims, report.growth_seconds, "max"),
+            "peak_rss_growth_bytes": int(collectives.reduce_scalar(dims, max(0, growth_rss), "max")),
+            "peak_device_growth_bytes": report.peak_device_bytes,
         })
         if not rescales(reference, model):
             grown_engine.train_step(batches(2))
@@ -204,7 +208,7 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
         after = gather_state(engine, model)["weight"]
         for index, local, grown_after in stepped:
             reports[index]["max_abs_step_equivalence"] = _step_equivalence(local, after, grown_after)
-    peak = int(_max_over_ranks(rss.peak_process()))
+    peak = int(collectives.reduce_scalar(dims, rss.peak_process(), "max"))
     ok = True
     for entry in reports:
         entry["peak_rss_bytes"] = peak
@@ -216,7 +220,7 @@ def run(model: ModelConfig, plans: list[Plan], tp: int, pp: int, optimizer: str,
             and (entry["max_abs_step_equivalence"] is None or entry["max_abs_step_equivalence"] <= STEP_TOL)
         )
         ok &= entry["ok"]
-        if layout.rank == 0:
+        if dims.rank == 0:
             print(json.dumps(entry), flush=True)
     return 0 if ok else 1
 
@@ -252,15 +256,5 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def _max_abs_logit(logits) -> float:
-    return _max_over_ranks(0.0 if logits is None else float(logits.float().abs().max()))
-
-
-def _max_over_ranks(value: float) -> float:
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor[0])
-
-
-def _any_rank(flag: bool) -> bool:
-    return _max_over_ranks(1.0 if flag else 0.0) > 0
+def _max_abs_logit(dims, logits) -> float:
+    return collectives.reduce_scalar(dims, 0.0 if logits is None else float(logits.float().abs().max()), "max")

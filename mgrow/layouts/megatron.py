@@ -170,7 +170,7 @@ def shard_local_order(
     rank that held those entries, in their order; new units are dealt out
     evenly after them. Taking the grown tensor in this order and splitting it as
     megatron does leaves each rank's old units where they were, so per-rank
-    partial sums keep their order (and fp32 results their bits). None when
+    partial sums keep their order (and fp32 results their bits). Index metadata: on the CPU. None when
     the old layout cannot be kept (a unit spread over ranks, e.g. fewer query
     groups than TP ranks): the grown tensor is then split in reference order.
     """
@@ -197,6 +197,6 @@ def shard_local_order(
                 return None
             ranks[rank] += new_units[:take]
             new_units = new_units[take:]
-        units = torch.tensor([u for rank in ranks for u in rank], dtype=torch.int64)
-        order.append(block * new_block + (units[:, None] * unit + torch.arange(unit)).flatten())
+        units = torch.tensor([u for rank in ranks for u in rank], dtype=torch.int64, device="cpu")
+        order.append(block * new_block + (units[:, None] * unit + torch.arange(unit, device="cpu")).flatten())
     return torch.cat(order)

@@ -19,8 +19,14 @@ The growth mover asks these and nothing else, so it never sees a flat buffer.
 * ``ZeroState``: DeepSpeed ZeRO 1/2/3 through DeepSpeed's own
   ``safe_get/set_full_*`` (utils/tensor_fragment.py:135-206).
 
+Adam's ``step`` lives where the inner optimizer keeps it: per parameter (torch's
+Adam/AdamW, a CPU tensor) or in the param group (Apex's and Transformer Engine's
+``FusedAdam``, which megatron-core picks when either is installed); both are read
+and written here.
+
 All reads are collective over the DP group: every DP rank calls them for the
 same parameters in the same order. Writes are local: each rank stores its part.
+Tensors stay on the device the optimizer keeps them on.
 """
 
 from __future__ import annotations
@@ -33,18 +39,41 @@ import torch.distributed as dist
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+# Optimizers that keep Adam's step in each param group instead of per parameter (apex.optimizers.FusedAdam,
+# transformer_engine.pytorch.optimizers.FusedAdam, deepspeed.ops.adam.FusedAdam).
+STEP_IN_GROUP_CLASSES = ("FusedAdam",)
+
+
+def steps_in_group(inner: torch.optim.Optimizer) -> bool:
+    return type(inner).__name__ in STEP_IN_GROUP_CLASSES
+
+
 def _adam_state(inner: torch.optim.Optimizer, key, step: torch.Tensor, like: torch.Tensor) -> None:
-    inner.state[key] = {
-        "step": step.clone(),
+    state = {
         "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format),
     }
+    if not steps_in_group(inner):
+        state["step"] = step.clone()
+    inner.state[key] = state
+
+
+def _init_adam(inner: torch.optim.Optimizer, step: torch.Tensor, keys_and_likes) -> None:
+    """Zero moments for every (state key, tensor like it) and Adam's step, wherever the optimizer keeps it."""
+    for key, like in keys_and_likes:
+        _adam_state(inner, key, step, like)
+    if steps_in_group(inner):
+        for group in inner.param_groups:
+            group["step"] = int(step)
 
 
 def _first_step(inner: torch.optim.Optimizer) -> Optional[torch.Tensor]:
     for state in inner.state.values():
         if "step" in state:
-            return torch.as_tensor(state["step"]).detach().clone()
+            return torch.as_tensor(state["step"], device="cpu").detach().clone()
+    for group in inner.param_groups:
+        if "step" in group:
+            return torch.tensor(float(group["step"]), dtype=torch.float32, device="cpu")
     return None
 
 
@@ -75,9 +104,7 @@ class TorchAdamState:
         return _first_step(self.inner)
 
     def init(self, step: torch.Tensor) -> None:
-        for group in self.inner.param_groups:
-            for param in group["params"]:
-                _adam_state(self.inner, param, step, param)
+        _init_adam(self.inner, step, [(param, param) for group in self.inner.param_groups for param in group["params"]])
 
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         self.inner.state[self._main(param)][key].copy_(value)
@@ -104,7 +131,7 @@ class DistributedOptimizerState(TorchAdamState):
 
     def _assembled(self, param, piece) -> torch.Tensor:
         """The full tensor of ``piece(main)`` over the DP ranks that own ranges of ``param``."""
-        full = torch.zeros(param.numel(), dtype=torch.float32)
+        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
         owned = self._main(param)
         if owned is not None:
             main, span = owned
@@ -191,8 +218,7 @@ class ZeroState:
         return _first_step(self.inner)
 
     def init(self, step: torch.Tensor) -> None:
-        for flat in self._flats():
-            _adam_state(self.inner, flat, step, flat)
+        _init_adam(self.inner, step, [(flat, flat) for flat in self._flats()])
         self._link_moments()
 
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
@@ -214,8 +240,8 @@ class ZeroState:
         partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
         size = partition.numel()
         ranks = dist.get_world_size(group=zero.dp_process_group)
-        padded = torch.zeros(size * ranks, dtype=torch.float32)
-        padded[: value.numel()] = value.reshape(-1)
+        padded = torch.zeros(size * ranks, dtype=torch.float32, device=partition.device)
+        padded[: value.numel()] = value.reshape(-1).to(partition.device)
         start = zero._get_param_partition_rank(param) * size
         with torch.no_grad():
             partition.copy_(padded[start : start + size])

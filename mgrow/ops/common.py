@@ -33,6 +33,8 @@ class FreeValues:
     draws a full tensor of the grown shape, and a free entry takes the value at
     its own position, so the result depends neither on dict order nor on which
     other entries are free. ``stream`` separates the operators of one plan.
+    Draws are made on the CPU generator, whatever the weights' device, so a plan
+    gives the same new entries on every device; callers move them.
     """
 
     def __init__(self, std: float, seed: int, stream: int = 0):
@@ -43,8 +45,8 @@ class FreeValues:
 
     def draw(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         key = hashlib.blake2b(f"{self.seed}/{self.stream}/{name}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
-        values = torch.randn(shape, generator=generator, dtype=torch.float32) * self.std
+        generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(key, "little") >> 1)
+        values = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu") * self.std
         return values + 1.0 if is_norm_gain(name) else values
 
 
@@ -64,7 +66,8 @@ class AxisRule:
 
 
 class AxisBuilder:
-    """Builds an :class:`AxisRule` segment by segment, in grown-index order."""
+    """Builds an :class:`AxisRule` segment by segment, in grown-index order, on the CPU: a rule is index
+    metadata computed once per operator; :func:`grow_tensor` moves it to the weights' device."""
 
     def __init__(self):
         self._src: list[torch.Tensor] = []
@@ -73,24 +76,24 @@ class AxisBuilder:
         self._kind: list[torch.Tensor] = []
 
     def old(self, indices: Iterable[int], scale: float = 1.0, grad_scale: Optional[float] = None) -> "AxisBuilder":
-        src = torch.as_tensor(list(indices), dtype=torch.int64)
+        src = torch.as_tensor(list(indices), dtype=torch.int64, device="cpu")
         n = len(src)
         self._src.append(src)
-        self._scale.append(torch.full((n,), float(scale), dtype=torch.float64))
+        self._scale.append(torch.full((n,), float(scale), dtype=torch.float64, device="cpu"))
         grad = 1.0 / scale if grad_scale is None else float(grad_scale)
-        self._grad.append(torch.full((n,), grad, dtype=torch.float64))
-        self._kind.append(torch.full((n,), int(Kind.OLD), dtype=torch.uint8))
+        self._grad.append(torch.full((n,), grad, dtype=torch.float64, device="cpu"))
+        self._kind.append(torch.full((n,), int(Kind.OLD), dtype=torch.uint8, device="cpu"))
         return self
 
     def new(self, count: int, kind: Kind) -> "AxisBuilder":
-        self._src.append(torch.full((count,), -1, dtype=torch.int64))
-        self._scale.append(torch.ones(count, dtype=torch.float64))
-        self._grad.append(torch.ones(count, dtype=torch.float64))
-        self._kind.append(torch.full((count,), int(kind), dtype=torch.uint8))
+        self._src.append(torch.full((count,), -1, dtype=torch.int64, device="cpu"))
+        self._scale.append(torch.ones(count, dtype=torch.float64, device="cpu"))
+        self._grad.append(torch.ones(count, dtype=torch.float64, device="cpu"))
+        self._kind.append(torch.full((count,), int(kind), dtype=torch.uint8, device="cpu"))
         return self
 
     def build(self, mean_block: Optional[int] = None) -> AxisRule:
-        cat = lambda parts, dtype: torch.cat(parts) if parts else torch.empty(0, dtype=dtype)  # noqa: E731
+        cat = lambda parts, dtype: torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device="cpu")  # noqa: E731
         axis = AxisMap(cat(self._src, torch.int64), cat(self._scale, torch.float64), cat(self._grad, torch.float64))
         return AxisRule(axis, cat(self._kind, torch.uint8), mean_block)
 
@@ -98,22 +101,25 @@ class AxisBuilder:
 def grow_tensor(
     name: str, old: torch.Tensor, rules: dict[int, AxisRule], values: FreeValues
 ) -> tuple[torch.Tensor, TensorMap]:
-    """Grow ``old`` by per-axis rules (axes without a rule are kept); at most one axis may add entries."""
-    ndim = old.dim()
-    axes = tuple(rules[d].axis if d in rules else AxisMap.identity(old.shape[d]) for d in range(ndim))
+    """Grow ``old`` by per-axis rules (axes without a rule are kept); at most one axis may add entries.
+
+    Runs on ``old``'s device; the map it returns lives there too.
+    """
+    ndim, device = old.dim(), old.device
+    axes = tuple((rules[d].axis if d in rules else AxisMap.identity(old.shape[d])).to(device) for d in range(ndim))
     shape = tuple(len(axis) for axis in axes)
     growing = [d for d, rule in rules.items() if bool(rule.axis.is_new.any())]
     if len(growing) > 1:
         raise AssertionError(f"{name}: one operator grows one axis per tensor, got axes {growing}")
-    kind = torch.zeros(shape, dtype=torch.uint8)
+    kind = torch.zeros(shape, dtype=torch.uint8, device=device)
     if growing:
         dim, rule = growing[0], rules[growing[0]]
-        kind = along(rule.kind, dim, ndim).expand(shape).clone()
+        kind = along(rule.kind.to(device), dim, ndim).expand(shape).clone()
     tmap = TensorMap(name, axes, kind)
     grown = carry(tmap, old)
     free = tmap.mask(Kind.FREE)
     if free.any():
-        grown[free] = values.draw(name, shape)[free]
+        grown[free] = values.draw(name, shape).to(device=device, dtype=grown.dtype)[free]
     if growing and rule.mean_block is not None:
         grown = _fill_block_means(grown, dim, rule)
     return grown, tmap
@@ -151,7 +157,7 @@ class SuffixRules(OpStep):
     def grow(self, name, old, shape, values):
         rule = _rule_for(name, self.rules)
         if rule is None:
-            return old.clone(), TensorMap.identity(name, tuple(old.shape))
+            return old.clone(), TensorMap.identity(name, tuple(old.shape), old.device)
         return grow_tensor(name, old, rule, values)
 
 
@@ -201,9 +207,9 @@ def _fill_block_means(grown: torch.Tensor, dim: int, rule: AxisRule) -> torch.Te
     block = rule.mean_block
     moved = grown.movedim(dim, -1)
     blocks = moved.reshape(*moved.shape[:-1], -1, block).double()
-    old = (~rule.axis.is_new).view(-1, block).double()
+    old = (~rule.axis.is_new).view(-1, block).double().to(grown.device)
     means = (blocks * old).sum(-1, keepdim=True) / old.sum(-1, keepdim=True)
-    is_mean = (rule.kind == int(Kind.MEAN)).view(-1, block)
+    is_mean = (rule.kind == int(Kind.MEAN)).view(-1, block).to(grown.device)
     filled = torch.where(is_mean, means, blocks).to(grown.dtype)
     return filled.reshape(moved.shape).movedim(-1, dim).contiguous()
 

@@ -58,13 +58,16 @@ class AxisMap:
     grad_scale: torch.Tensor  # float64 [n_new]: gradient factor the optimizer moments follow
 
     @classmethod
-    def identity(cls, n: int) -> "AxisMap":
-        ones = torch.ones(n, dtype=torch.float64)
-        return cls(torch.arange(n), ones, ones.clone())
+    def identity(cls, n: int, device=None) -> "AxisMap":
+        ones = torch.ones(n, dtype=torch.float64, device=device)
+        return cls(torch.arange(n, device=device), ones, ones.clone())
 
     @property
     def is_new(self) -> torch.Tensor:
         return self.src < 0
+
+    def to(self, device) -> "AxisMap":
+        return AxisMap(self.src.to(device), self.scale.to(device), self.grad_scale.to(device))
 
     def __len__(self) -> int:
         return len(self.src)
@@ -79,16 +82,21 @@ class TensorMap:
     kind: torch.Tensor  # uint8, the grown shape: Kind per entry
 
     @classmethod
-    def identity(cls, name: str, shape: tuple[int, ...]) -> "TensorMap":
-        return cls(name, tuple(AxisMap.identity(n) for n in shape), torch.zeros(shape, dtype=torch.uint8))
+    def identity(cls, name: str, shape: tuple[int, ...], device=None) -> "TensorMap":
+        return cls(name, tuple(AxisMap.identity(n, device) for n in shape),
+                   torch.zeros(shape, dtype=torch.uint8, device=device))
 
     @classmethod
-    def new_tensor(cls, shape: tuple[int, ...], kind: Kind) -> "TensorMap":
-        axes = tuple(
-            AxisMap(torch.full((n,), -1), torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64))
-            for n in shape
-        )
-        return cls(None, axes, torch.full(shape, int(kind), dtype=torch.uint8))
+    def new_tensor(cls, shape: tuple[int, ...], kind: Kind, device=None) -> "TensorMap":
+        def axis(n: int) -> AxisMap:
+            ones = torch.ones(n, dtype=torch.float64, device=device)
+            return AxisMap(torch.full((n,), -1, device=device), ones, ones.clone())
+
+        return cls(None, tuple(axis(n) for n in shape), torch.full(shape, int(kind), dtype=torch.uint8, device=device))
+
+    def to(self, device) -> "TensorMap":
+        """The same map with its index and factor tensors on ``device`` (the weights' device)."""
+        return TensorMap(self.old_name, tuple(axis.to(device) for axis in self.axes), self.kind.to(device))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,9 +104,9 @@ class TensorMap:
 
     def new_mask(self) -> torch.Tensor:
         """True for new entries (src is -1 on some axis), from the axis maps alone."""
-        mask = torch.zeros(self.shape, dtype=torch.bool)
+        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.kind.device)
         for dim, axis in enumerate(self.axes):
-            mask |= along(axis.is_new, dim, len(self.axes))
+            mask |= along(axis.is_new.to(mask.device), dim, len(self.axes))
         return mask
 
     def mask(self, kind: Kind) -> torch.Tensor:
@@ -142,26 +150,28 @@ def carry_moment(tmap: TensorMap, moment: Optional[torch.Tensor], power: int) ->
 
 
 def _carry(tmap: TensorMap, old: Optional[torch.Tensor], factors: list[torch.Tensor]) -> torch.Tensor:
+    """On ``old``'s device (the map's tensors follow it there)."""
     if tmap.old_name is None or old is None:
-        return torch.zeros(tmap.shape, dtype=old.dtype if old is not None else torch.float32)
+        return torch.zeros(tmap.shape, dtype=old.dtype if old is not None else torch.float32,
+                           device=old.device if old is not None else tmap.kind.device)
     if old.dim() != len(tmap.axes) or any(
         axis.src.numel() and int(axis.src.max()) >= n for axis, n in zip(tmap.axes, old.shape)
     ):
         raise ValueError(f"{tmap.old_name}: old tensor {tuple(old.shape)} does not fit its map")
     # In the tensor's own dtype: the sharded mover runs this on one full parameter at a time and
     # its peak memory is bounded by that parameter's size, not twice it.
-    grown = _gather(old, [axis.src.clamp(min=0) for axis in tmap.axes])
+    grown = _gather(old, [axis.src.clamp(min=0).to(old.device) for axis in tmap.axes])
     for dim, factor in enumerate(factors):
         if not bool((factor == 1).all()):
-            grown.mul_(along(factor.to(grown.dtype), dim, grown.dim()))
-    grown[tmap.new_mask()] = 0.0
+            grown.mul_(along(factor.to(device=grown.device, dtype=grown.dtype), dim, grown.dim()))
+    grown[tmap.new_mask().to(grown.device)] = 0.0
     return grown
 
 
 def _compose_axis(inner: AxisMap, outer: AxisMap) -> AxisMap:
     copied = outer.src >= 0
     at = outer.src.clamp(min=0)
-    one = torch.ones((), dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64, device=outer.src.device)
     return AxisMap(
         torch.where(copied, inner.src[at], -1),
         torch.where(copied, outer.scale * inner.scale[at], one),

@@ -93,7 +93,8 @@ class LayerInsert(OpStep):
 
     def grow(self, name, old, shape, values):
         if old is not None:
-            return old.clone(), TensorMap.identity(self.source(name), tuple(old.shape))
+            return old.clone(), TensorMap.identity(self.source(name), tuple(old.shape), old.device)
+        # a new tensor starts on the CPU, where its free values are drawn; grow_one moves it to the weights'
         kind = Kind.ZERO if name.split(".", 3)[3] in ZERO_IN_NEW_LAYER else Kind.FREE
-        tensor = values.draw(name, shape) if kind == Kind.FREE else torch.zeros(shape)
-        return tensor, TensorMap.new_tensor(shape, kind)
+        tensor = values.draw(name, shape) if kind == Kind.FREE else torch.zeros(shape, device="cpu")
+        return tensor, TensorMap.new_tensor(shape, kind, device="cpu")

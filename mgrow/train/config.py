@@ -17,6 +17,7 @@ import yaml
 from mgrow.data import DEFAULT_SOURCES
 from mgrow.errors import ConfigError
 from mgrow.model_config import ModelConfig
+from mgrow.parallel import device
 from mgrow.train import schedule
 from mgrow.train.metrics import WANDB_MODES, WandbConfig
 from mgrow.transfer import config as transfer_config
@@ -30,6 +31,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     timeout_minutes: float = 10.0  # rendezvous and collectives (Megatron-LM's --distributed-timeout-minutes)
+    device: str = "auto"  # auto (CUDA when torch sees a GPU) | cpu | cuda: where every rank's tensors live
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo (ranks sharing one GPU)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class TrainConfig:
 
     def check_world(self, world: int) -> int:
         """Layout rules that need the world size; returns dp."""
-        from mgrow.runtime import check_world
+        from mgrow.parallel.dims import check_world
 
         dp = check_world(self.parallel.tp, self.parallel.pp, world)
         t, o = self.train, self.optimizer
@@ -189,6 +192,7 @@ def _validate(cfg: TrainConfig) -> None:
             f"must be >= 0 and < the decay steps (optimizer.decay_steps or train.steps = {decay_steps}), "
             f"got {o.warmup_steps}",
         )
+    device.check(cfg.parallel.device, cfg.parallel.backend)
     if not cfg.parallel.timeout_minutes > 0:
         raise ConfigError("parallel.timeout_minutes", f"must be > 0, got {cfg.parallel.timeout_minutes}")
     if cfg.checkpoint.interval < 0:

@@ -6,17 +6,22 @@
   (through the small adapter in ``ds_mpu``).
 
 All three step the same megatron ``OptimizerParamScheduler`` (linear warmup,
-cosine decay), so their learning rates agree step for step.
+cosine decay), so their learning rates agree step for step. Each engine keeps
+the rank's :class:`~mgrow.parallel.ParallelDims` (``engine.dims``); token
+batches arrive on the CPU (pinned on a CUDA rank) and move to the device in the
+forward step.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from mgrow.model import position_ids
 from mgrow.train.config import TrainConfig
 
 
@@ -45,11 +50,14 @@ def _lm_loss(output_tensor: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def _forward_step(data_iterator: Iterator, model):
-    tokens = next(data_iterator)
+def _on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tokens.to(device, non_blocking=True)
+
+
+def _forward_step(data_iterator: Iterator, model, device: torch.device):
+    tokens = _on_device(next(data_iterator), device)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-    output = model(inputs, positions, None, labels=labels)
+    output = model(inputs, position_ids(inputs), None, labels=labels)
     return output, _lm_loss
 
 
@@ -57,22 +65,21 @@ def _keep_logits(output_tensor: torch.Tensor):
     return output_tensor.float().sum() * 0.0, {"logits": output_tensor.detach().clone()}
 
 
-def _logits_step(data_iterator: Iterator, model):
+def _logits_step(data_iterator: Iterator, model, device: torch.device):
     """Logits (this TP rank's vocab slice, [b, s, V/tp]) instead of the loss."""
-    tokens = next(data_iterator)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    return model(tokens, positions, None), _keep_logits
+    tokens = _on_device(next(data_iterator), device)
+    return model(tokens, position_ids(tokens), None), _keep_logits
 
 
 class MegatronEngine:
     """Megatron DDP + AdamW or DistributedOptimizer, stepped through megatron's schedules."""
 
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig, dims):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.cfg = cfg
+        self.cfg, self.dims = cfg, dims
         distributed = cfg.optimizer.type == "megatron"
         tconfig = model.config
         self.ddp = DistributedDataParallel(
@@ -111,7 +118,7 @@ class MegatronEngine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
-            forward_step_func=step,
+            forward_step_func=functools.partial(step, device=self.dims.device),
             data_iterator=iter(microbatches),
             model=[self.ddp],
             num_microbatches=len(microbatches),
@@ -217,12 +224,14 @@ def _decay_groups(model) -> list[dict]:
 class DeepSpeedEngine:
     """A DeepSpeed ZeRO engine around the GPTModel (PP = 1)."""
 
-    def __init__(self, model, cfg: TrainConfig, dp: int):
+    def __init__(self, model, cfg: TrainConfig, dims):
+        import argparse
+
         import deepspeed
 
         from mgrow.train import ds_mpu
 
-        self.cfg = cfg
+        self.cfg, self.dims = cfg, dims
         o = cfg.optimizer
         if (cfg.deepspeed.get("wandb") or {}).get("enabled"):
             # DeepSpeed's own W&B monitor calls wandb.init without a mode: offline unless the user says online.
@@ -231,8 +240,10 @@ class DeepSpeedEngine:
             _frozen_groups(cfg, _decay_groups(model)), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
             weight_decay=o.weight_decay,
         )
+        # device_rank: the engine's device is this rank's, not cuda:LOCAL_RANK (ranks may share one GPU)
+        args = argparse.Namespace(device_rank=dims.device.index if dims.is_cuda else int(os.environ.get("LOCAL_RANK", 0)))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp), mpu=ds_mpu
+            args=args, model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims.dp), mpu=ds_mpu
         )
         self.scheduler = _scheduler(self.optimizer, cfg)
 
@@ -241,7 +252,7 @@ class DeepSpeedEngine:
         return self.engine.module
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        output, loss_fn = _forward_step(iter([tokens]), self.engine)
+        output, loss_fn = _forward_step(iter([tokens]), self.engine, self.dims.device)
         return loss_fn(output)[0]
 
     def train_step(self, microbatches: list[torch.Tensor]) -> list[dict]:
@@ -268,9 +279,9 @@ class DeepSpeedEngine:
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         self.engine.eval()
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        tokens = _on_device(tokens, self.dims.device)
         with torch.no_grad():
-            return self.engine(tokens, positions, None).detach().clone()
+            return self.engine(tokens, position_ids(tokens), None).detach().clone()
 
     def optimizer_state(self):
         from mgrow.layouts.optimizer_state import ZeroState
@@ -281,21 +292,18 @@ class DeepSpeedEngine:
         self.engine.destroy()
 
 
-def build_engine(model, cfg: TrainConfig, dp: int):
+def build_engine(model, cfg: TrainConfig, dims):
     if cfg.optimizer.zero_stage is not None:
-        return DeepSpeedEngine(model, cfg, dp)
-    return MegatronEngine(model, cfg)
+        return DeepSpeedEngine(model, cfg, dims)
+    return MegatronEngine(model, cfg, dims)
 
 
-def global_mean_loss(outputs: list[dict]) -> float:
+def global_mean_loss(outputs: list[dict], dims) -> float:
     """Mean 'lm loss' over micro-batches and DP ranks, from the last stage, on every rank."""
-    from megatron.core import parallel_state as ps
-
-    value = torch.zeros(1, dtype=torch.float64)
-    if ps.is_pipeline_last_stage() and outputs:
-        value[0] = torch.stack([o["lm loss"].double() for o in outputs]).mean()
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-        value /= ps.get_data_parallel_world_size()
-    last_stage = ps.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(value, src=last_stage, group=ps.get_pipeline_model_parallel_group())
+    value = torch.zeros(1, dtype=torch.float64, device=dims.comm_device)
+    if dims.is_last_stage and outputs:
+        value[0] = torch.stack([o["lm loss"].double() for o in outputs]).mean().to(dims.comm_device)
+        dist.all_reduce(value, group=dims.dp_group)
+        value /= dims.dp
+    dist.broadcast(value, src=dims.stage_peers[-1], group=dims.pp_group)
     return float(value[0])

@@ -34,7 +34,7 @@ def check_launcher_world(world: int) -> None:
 def train_command(config_path: str, nproc: Optional[int], overrides: list[str]) -> int:
     cfg = train_config.load(config_path, overrides)  # every rank refuses a bad config before anything starts
     if under_launcher():
-        from mgrow.runtime import shutdown
+        from mgrow.parallel.dims import shutdown
         from mgrow.train.loop import train
 
         try:
@@ -71,19 +71,25 @@ def launch_local(nproc: int, fn: Callable, *args) -> int:
     The same agent and rendezvous as ``torchrun --standalone`` (``elastic_launch``),
     with the ranks forked from one forkserver that has imported megatron-core and
     DeepSpeed already, instead of ``nproc`` fresh interpreters importing them each.
+    On a machine with a GPU the ranks are spawned instead: importing DeepSpeed asks
+    CUDA for its devices, and a CUDA driver initialised in the forkserver cannot be
+    used by the processes forked from it.
     ``fn`` must be importable by name (a module-level function).
     """
     import multiprocessing
     import uuid
 
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read when the forkserver imports torch
-    multiprocessing.set_forkserver_preload(list(RANK_PRELOAD))
+    start_method = "spawn" if torch.cuda.device_count() > 0 else "forkserver"
+    if start_method == "forkserver":
+        multiprocessing.set_forkserver_preload(list(RANK_PRELOAD))
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="forkserver",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method=start_method,
     )
     try:
         elastic_launch(config, _worker)(fn, *args)

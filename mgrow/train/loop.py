@@ -14,7 +14,7 @@ from mgrow.data import TokenWindows, ensure_corpus
 from mgrow.errors import ConfigError
 from mgrow.growth.masks import GrowthMasks, MaskRamp
 from mgrow.model import build_gpt
-from mgrow.runtime import Layout, init_distributed
+from mgrow.parallel.dims import ParallelDims, init_distributed
 from mgrow.train.config import TrainConfig
 from mgrow.train.engines import build_engine, global_mean_loss
 from mgrow.train.metrics import RunLog
@@ -33,15 +33,18 @@ class Batches:
 
     Steps from ``first_step`` on read the stream from sample ``first_sample``: a
     batch-size change at a growth event continues the stream where it was.
+    Batches are CPU tensors, pinned on a CUDA rank so the engine's copy to the GPU
+    does not block.
     """
 
-    def __init__(self, windows: TokenWindows, cfg: TrainConfig, layout: Layout, first_step: int = 0,
+    def __init__(self, windows: TokenWindows, cfg: TrainConfig, dims: ParallelDims, first_step: int = 0,
                  first_sample: int = 0):
         t = cfg.train
         self.windows, self.mbs, self.gbs = windows, t.micro_batch_size, t.global_batch_size
-        self.per_rank = t.global_batch_size // layout.dp
-        self.offset = layout.dp_rank * self.per_rank
+        self.per_rank = t.global_batch_size // dims.dp
+        self.offset = dims.dp_rank * self.per_rank
         self.first_step, self.first_sample = first_step, first_sample
+        self.dims, self.pin = dims, dims.is_cuda
 
     def start(self, step: int) -> int:
         """The stream position (in samples) of global step ``step``."""
@@ -49,28 +52,31 @@ class Batches:
 
     def __call__(self, step: int) -> list[torch.Tensor]:
         samples = self.windows.samples(self.start(step) + self.offset, self.per_rank)
+        if self.pin:
+            samples = samples.pin_memory()
         return list(samples.split(self.mbs))
 
 
-def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainResult:
+def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> TrainResult:
     from mgrow import checkpoint
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = cfg.check_world(world)  # refuse before any process group exists
+    cfg.check_world(world)  # refuse before any process group exists
     resume = _find_resume(cfg)  # a bad checkpoint is refused here too, on every rank
     if cfg.data.sources:
         ensure_corpus(cfg.data.path, cfg.data.sources)
-    layout = layout or init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed,
-                                        timeout_s=60 * cfg.parallel.timeout_minutes)
+    p = cfg.parallel
+    dims = dims or init_distributed(p.tp, p.pp, cfg.train.seed, timeout_s=60 * p.timeout_minutes, device=p.device,
+                                    backend=p.backend)
     progress = checkpoint.Progress() if resume is None else resume.progress
     if resume is not None:
         cfg = resume.cfg
     t = cfg.train
-    train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, layout,
+    train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, dims,
                             progress.first_step, progress.first_sample)
-    valid_batches = Batches(TokenWindows(cfg.data.path, "valid", t.seq_length, t.seed), cfg, layout)
+    valid_batches = Batches(TokenWindows(cfg.data.path, "valid", t.seq_length, t.seed), cfg, dims)
 
-    leader = layout.rank == 0
+    leader = dims.rank == 0
     # Before the engine: DeepSpeed's own W&B monitor then logs into this run instead of starting one in cwd.
     metrics = (RunLog(t.metrics_path, cfg.wandb, cfg.to_dict(), append=resume is not None) if leader
                else RunLog(None, None, {}))
@@ -78,18 +84,19 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
     if t.init == "explicit" and resume is None:
         from mgrow.warm_start import explicit_init
 
-        init = explicit_init(cfg.model, t.seed, cfg.data.path)
-    model = build_gpt(cfg.model, seed=t.seed, init=init)
+        init = explicit_init(cfg.model, t.seed, cfg.data.path, dims)
+    model = build_gpt(cfg.model, dims, seed=t.seed, init=init)
     transferred = None if cfg.transfer is None else transfer.prepare(
-        model, cfg, resume is not None, valid_batches(0)[0][:, :-1].contiguous())
-    engine = build_engine(model, cfg, dp)
+        model, cfg, resume is not None, valid_batches(0)[0][:, :-1].contiguous(), dims)
+    engine = build_engine(model, cfg, dims)
     if resume is not None:
         checkpoint.load(engine, resume)
     unfreeze_rule = rule_for_run(engine, cfg)
     if leader:
         log(
-            f"mgrow: {cfg.model.num_parameters():,} parameters | tp={layout.tp} pp={layout.pp} dp={layout.dp} "
-            f"| optimizer {cfg.optimizer.type} | global batch {t.global_batch_size} x {t.seq_length} tokens"
+            f"mgrow: {cfg.model.num_parameters():,} parameters | tp={dims.tp} pp={dims.pp} dp={dims.dp} "
+            f"| {dims.device.type} ({dims.backend}) | optimizer {cfg.optimizer.type} "
+            f"| global batch {t.global_batch_size} x {t.seq_length} tokens"
         )
         if resume is not None:
             log(f"mgrow: resumed from {resume.folder} at step {progress.step} "
@@ -120,7 +127,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
                 ramp = MaskRamp(masks, step, event.mask.steps)
                 progress.mask_ramp = {"start": step, "steps": event.mask.steps, "plan": record["plan"],
                                       "model": old_model.to_dict()}
-            train_batches = Batches(train_batches.windows, cfg, layout, step, train_batches.start(step))
+            train_batches = Batches(train_batches.windows, cfg, dims, step, train_batches.start(step))
             t = cfg.train
             progress.growth_applied += 1
             progress.first_step, progress.first_sample = train_batches.first_step, train_batches.first_sample
@@ -141,7 +148,7 @@ def train(cfg: TrainConfig, layout: Layout | None = None, log=print) -> TrainRes
             if ramp.done:
                 ramp, progress.mask_ramp = None, None
         faults.kill_point("train", step + 1)
-        loss = global_mean_loss(engine.train_step(train_batches(step)))
+        loss = global_mean_loss(engine.train_step(train_batches(step)), dims)
         progress.step = step + 1
         result.losses.append(loss)
         unfrozen = unfreeze_rule.after_step(engine, step + 1, loss) if unfreeze_rule is not None else None
@@ -217,7 +224,7 @@ def _resume_mask_ramp(engine, saved):
     from mgrow.plan import load_plan
 
     plan, old = load_plan(saved["plan"]), ModelConfig.from_dict(saved["model"])
-    masks = GrowthMasks.install(engine.module, plan.steps(old), old, plan.free_values(old))
+    masks = GrowthMasks.install(engine.module, plan.steps(old), old, plan.free_values(old), engine.dims)
     return MaskRamp(masks, saved["start"], saved["steps"])
 
 
@@ -230,22 +237,24 @@ def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int
     from mgrow.growth import grow
     from mgrow.train.schedule import with_batch
 
-    before = global_mean_loss(engine.eval_step(held))
+    dims = engine.dims
+    before = global_mean_loss(engine.eval_step(held), dims)
     event_cfg = dataclasses.replace(cfg, train=with_batch(cfg.train, event))
     engine, new_cfg, report = grow(engine, event_cfg, event.plan, check_tokens=held[0][:, :-1].contiguous(),
                                    optimizer_state=event.optimizer_state, masked=event.mask is not None)
-    after = global_mean_loss(engine.eval_step(held))
+    after = global_mean_loss(engine.eval_step(held), dims)
     record = dict(event="growth", step=step, tokens=tokens, plan=report.plan, params_before=report.params_before,
                   params_after=report.params_after, max_abs_logit_diff=report.max_abs_logit_diff,
                   held_loss_before=before, held_loss_after=after, growth_seconds=report.growth_seconds,
-                  peak_rss_bytes=rss.peak_process(), optimizer_state=event.optimizer_state,
+                  peak_rss_bytes=rss.peak_process(), peak_device_bytes=report.peak_device_bytes,
+                  optimizer_state=event.optimizer_state,
                   global_batch_size=new_cfg.train.global_batch_size,
                   **({"mask_steps": event.mask.steps} if event.mask is not None else {}))
     return engine, new_cfg, record, report.masks
 
 
 def evaluate(engine, batches: Batches, count: int) -> float:
-    return sum(global_mean_loss(engine.eval_step(batches(i))) for i in range(count)) / count
+    return sum(global_mean_loss(engine.eval_step(batches(i)), engine.dims) for i in range(count)) / count
 
 
 def _progress(total: int, done: int):

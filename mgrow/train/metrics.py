@@ -67,6 +67,6 @@ def _for_wandb(record: dict) -> dict:
         return dict(record)
     out = {"step": record["step"]}
     for key, value in record.items():
-        if key not in ("event", "step"):
+        if key not in ("event", "step") and value is not None:  # e.g. peak_device_bytes on CPU ranks
             out[f"growth/{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return out

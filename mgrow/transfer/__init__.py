@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 
-def apply(model, cfg, check_tokens) -> dict:
+def apply(model, cfg, check_tokens, dims) -> dict:
     """Collective: fill ``model`` (a fresh stage of ``cfg.model``) from ``cfg.transfer.source``; tag the copied
     parameters for freezing. Returns the metrics record of the transfer."""
     from mgrow.transfer import freeze, shards
@@ -20,19 +20,19 @@ def apply(model, cfg, check_tokens) -> dict:
     t = cfg.transfer
     start = time.perf_counter()
     folder = checkpoint_folder(t.source)
-    source = shards.load_source(folder, t.source_model, seed=cfg.train.seed)
-    names = shards.copy_shared(source, t.source_model, model, cfg.model, t.components)
+    source = shards.load_source(folder, t.source_model, seed=cfg.train.seed, dims=dims)
+    names = shards.copy_shared(source, t.source_model, model, cfg.model, t.components, dims)
     if t.freeze:
         freeze.mark(model, names)
-    diff = shards.max_logit_diff(source, model, check_tokens)
+    diff = shards.max_logit_diff(source, model, check_tokens, dims)
     model.train()
     del source
     return dict(event="transfer", step=0, source=str(folder), components=list(t.components),
-                tensors=_count_all(len(names)), frozen=t.freeze, max_abs_logit_diff=diff,
+                tensors=_count_all(len(names), dims), frozen=t.freeze, max_abs_logit_diff=diff,
                 transfer_seconds=time.perf_counter() - start)
 
 
-def prepare(model, cfg, resumed: bool, check_tokens):
+def prepare(model, cfg, resumed: bool, check_tokens, dims):
     """Before the engine is built: on a fresh run transfer (:func:`apply`, its record returned); on a resumed
     run the weights come from the checkpoint, only the transferred parameters are tagged again (the
     optimizer's frozen groups must be rebuilt as they were saved). None without a ``transfer`` section."""
@@ -43,19 +43,15 @@ def prepare(model, cfg, resumed: bool, check_tokens):
     if t is None:
         return None
     if not resumed:
-        return apply(model, cfg, check_tokens)
+        return apply(model, cfg, check_tokens, dims)
     if t.freeze:
         freeze.mark(model, [name for _, name, _ in global_names(model)
                             if rules.rule_for(name, t.components, t.source_model, cfg.model) is not None])
     return None
 
 
-def _count_all(local: int) -> int:
+def _count_all(local: int, dims) -> int:
     """Transferred tensors over the pipeline stages (each stage counts its own once)."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from mgrow.parallel import collectives
 
-    count = torch.tensor([local], dtype=torch.int64)
-    dist.all_reduce(count, group=ps.get_pipeline_model_parallel_group())
-    return int(count)
+    return int(collectives.reduce_scalar(dims, local, "sum", dims.pp_group))

@@ -11,42 +11,31 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
+from mgrow.growth.shards import gather_tp
 from mgrow.layouts import megatron as layout_table
-from mgrow.model import build_gpt, full_shape, global_names
+from mgrow.model import build_gpt, full_shape, global_names, position_ids
 from mgrow.model_config import ModelConfig
+from mgrow.parallel import collectives
 from mgrow.transfer import rules
 
 
-def load_source(folder, source_cfg: ModelConfig, seed: int):
-    """The checkpoint's GPTModel stage on the current layout (megatron dist_checkpointing reshards TP/PP)."""
+def load_source(folder, source_cfg: ModelConfig, seed: int, dims):
+    """The checkpoint's GPTModel stage on this job's layout and device (megatron dist_checkpointing reshards TP/PP)."""
     from megatron.core import dist_checkpointing
 
     from mgrow.checkpoint.megatron_format import MODEL_DIR
 
-    model = build_gpt(source_cfg, seed=seed, initialize=False)
+    model = build_gpt(source_cfg, dims, seed=seed, initialize=False)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.path.join(str(folder), MODEL_DIR))
     model.load_state_dict(state["model"])
     return model
 
 
-def _gather(param: torch.Tensor, layout: layout_table.TensorLayout) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
-    if layout.partition_dim is None:
-        return param.data
-    shards = [torch.empty_like(param.data) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    dist.all_gather(shards, param.data.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return layout_table.tp_merge(shards, layout)
-
-
 def copy_shared(source_model, source_cfg: ModelConfig, target_model, target_cfg: ModelConfig,
-                components: tuple[str, ...]) -> list[str]:
+                components: tuple[str, ...], dims) -> list[str]:
     """Overwrite the target's transferred tensors on this stage; returns their global names (in order)."""
-    from megatron.core import parallel_state as ps
-
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tp, tp_rank = dims.tp, dims.tp_rank
     sources = {name: param for _, name, param in global_names(source_model)}
     done = []
     with torch.no_grad():
@@ -55,8 +44,8 @@ def copy_shared(source_model, source_cfg: ModelConfig, target_model, target_cfg:
             if rule is None:
                 continue
             source_layout = layout_table.layout_of(rule.source, source_cfg.gated_linear_unit)
-            full = rules.apply_rule(rule, _gather(sources[rule.source], source_layout).float(), source_cfg,
-                                    target_cfg)
+            full = rules.apply_rule(rule, gather_tp(sources[rule.source].data, source_layout, dims).float(),
+                                    source_cfg, target_cfg)
             layout = layout_table.layout_of(name, target_cfg.gated_linear_unit)
             expected = full_shape(param, layout, tp)
             if tuple(full.shape) != expected:
@@ -66,18 +55,14 @@ def copy_shared(source_model, source_cfg: ModelConfig, target_model, target_cfg:
     return done
 
 
-def max_logit_diff(source_model, target_model, tokens: torch.Tensor):
+def max_logit_diff(source_model, target_model, tokens: torch.Tensor, dims):
     """max |logits_target - logits_source| over the whole vocabulary (PP = 1; None on a pipeline)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    if dims.pp > 1:
         return None
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    tokens = tokens.to(dims.device)
     logits = []
     with torch.no_grad():
         for model in (source_model, target_model):
             model.eval()
-            logits.append(model(tokens, positions, None).float())  # this TP rank's vocab slice
-    diff = (logits[1] - logits[0]).abs().max().reshape(1)
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    return float(diff)
+            logits.append(model(tokens, position_ids(tokens), None).float())  # this TP rank's vocab slice
+    return collectives.reduce_scalar(dims, float((logits[1] - logits[0]).abs().max()), "max", dims.tp_group)

@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16 on CPU ranks (gloo) when CUDA is absent.
+"""Run megatron-core 0.16 on CPU ranks (gloo): applied on every rank whose device is the CPU.
 
 megatron-core hard-codes CUDA in a handful of places (LIBRARY_FACTS.md A3,
 "CPU blockers"). Rather than patch torch globally, each affected megatron
@@ -28,7 +28,8 @@ Three calls are not module-level and get scoped wrappers instead:
   output layer of the last pipeline stage is synchronised
   (``LanguageModule.setup_embeddings_and_output_layer``, language_module.py:244).
 
-Nothing is applied when CUDA is available, and megatron's files are never edited.
+Nothing is applied on a CUDA rank (:mod:`mgrow.parallel.dims` decides), and megatron's files are
+never edited.
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ def _scoped(fn, *contexts):
 _applied = False
 
 
-def needed() -> bool:
-    return not torch.cuda.is_available()
+def needed(device: torch.device) -> bool:
+    """The shims are for CPU ranks, whether or not the machine has a GPU."""
+    return torch.device(device).type == "cpu"
 
 
 def define_missing_te_gemm() -> None:
@@ -172,11 +174,11 @@ def define_missing_te_gemm() -> None:
 
 
 def apply() -> bool:
-    """Install the CPU shims once; returns whether they are active."""
+    """Install the CPU shims once (a CPU rank); returns True."""
     global _applied
     define_missing_te_gemm()
-    if _applied or not needed():
-        return _applied
+    if _applied:
+        return True
     proxy = _CpuTorch()
     for module_name in PATCHED_MODULES:
         importlib.import_module(module_name).torch = proxy
