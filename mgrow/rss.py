@@ -17,10 +17,17 @@ def current() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def reset_peak() -> None:
-    """Start a new peak (VmHWM) measurement; writing 5 to clear_refs resets it (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+def reset_peak() -> bool:
+    """Start a new peak (VmHWM) measurement; writing 5 to clear_refs resets it (Linux >= 4.0).
+
+    Returns False where the kernel refuses (some sandboxes): the peak then counts from process start.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak() -> int:
