@@ -281,9 +281,9 @@ def dry_run(checks: list[Check]) -> int:
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     from mgrow.cli import _parser
-    from mgrow.plan import load_plan
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.core.plan import load_plan
     from mgrow.train import config as train_config
-    from mgrow.verify import load_model_config
 
     for check in checks:
         if check.group == "probe":
@@ -295,7 +295,7 @@ def dry_run(checks: list[Check]) -> int:
             cfg = train_config.load(args.config, args.overrides)
             cfg.check_world(args.nproc)
         else:
-            model = load_model_config(args.model)
+            model = ModelConfig.load(args.model)
             tp, pp = getattr(args, "tp", 1), getattr(args, "pp", 1)
             for path in args.plan if isinstance(args.plan, list) else [args.plan]:
                 load_plan(path).validate(model)[-1].check_layout(tp, pp)

@@ -7,17 +7,18 @@ before torch, megatron-core or DeepSpeed is loaded.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from mgrow.errors import ConfigError
+from mgrow.jobs.launch import exit_code
+from mgrow.parallel.device import BACKENDS, DEVICES
+from mgrow.train.config import OPTIMIZERS
 
 DEFAULT_TOL = 1e-5  # max-abs logit difference of fp32 growth
 
 
 def _device_arguments(parser) -> None:
-    from mgrow.parallel.device import BACKENDS, DEVICES
-
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the ranks' tensors live (auto: CUDA when torch sees a GPU, else CPU)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -25,8 +26,6 @@ def _device_arguments(parser) -> None:
 
 
 def _verify_arguments(parser) -> None:
-    from mgrow.train.config import OPTIMIZERS
-
     parser.add_argument("--model", help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
     parser.add_argument("--plan", action="append",
                         help="growth plan YAML (e.g. configs/plans/all_ops.yaml); repeat to check several")
@@ -55,15 +54,13 @@ def _grow_checkpoint_arguments(parser) -> None:
     _device_arguments(parser)
 
 
-# `mgrow bench X` runs mgrow.bench.<module>.command; the studies (a file of runs compared by validation loss
+# `mgrow bench X` runs mgrow.jobs.bench.<module>.main; the studies (a file of runs compared by validation loss
 # against training FLOPs) share one runner.
 BENCH_MODULES = {"growth": "growth", "efficiency": "efficiency", "masked": "efficiency", "warm-start": "efficiency",
                  "fusion": "fusion", "transfer": "transfer"}
 
 
 def _bench_growth_arguments(parser) -> None:
-    from mgrow.train.config import OPTIMIZERS
-
     parser.add_argument("--model", required=True, help="model YAML (ModelConfig keys)")
     parser.add_argument("--plan", required=True, help="growth plan YAML")
     for flag in ("tp", "pp", "dp"):
@@ -154,50 +151,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each command is a module of mgrow.jobs with ``main(args) -> exit code``, imported when it runs.
+COMMANDS = {"train": "train", "verify": "verify", "grow-checkpoint": "grow_checkpoint", "fuse": "fuse",
+            "plot": "plot", "data": "data"}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            from mgrow.train.launch import train_command
-
-            return train_command(args.config, args.nproc, args.overrides)
-        if args.command == "verify":
-            from mgrow import verify as verify_cmd
-
-            return verify_cmd.run(args)
-        if args.command == "grow-checkpoint":
-            from mgrow.checkpoint import offline
-
-            return offline.grow_command(args)
-        if args.command == "fuse":
-            from mgrow.checkpoint import fuse
-
-            return fuse.fuse_command(args)
-        if args.command == "bench":
-            import importlib
-
-            return importlib.import_module(f"mgrow.bench.{BENCH_MODULES[args.bench]}").command(args)
-        if args.command == "plot":
-            from mgrow.plot import plot_loss
-
-            print(plot_loss(args.metrics, args.out, args.title))
-            return 0
-        if args.command == "data":
-            from mgrow.data import DEFAULT_SOURCES, build_corpus
-
-            print(build_corpus(args.out, args.source or DEFAULT_SOURCES))
-            return 0
-    except ConfigError as error:
-        print(f"mgrow: error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:
-        from mgrow.growth import GrowthError
-
-        if not isinstance(error, GrowthError):
-            raise
-        print(f"mgrow: error: {error}", file=sys.stderr)
-        return 1
-    return 1
+    if args.command == "bench":
+        module = f"mgrow.jobs.bench.{BENCH_MODULES[args.bench]}"
+    else:
+        module = f"mgrow.jobs.{COMMANDS[args.command]}"
+    return exit_code(lambda parsed: importlib.import_module(module).main(parsed), args)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,9 @@ def one_rank():
 @pytest.fixture(scope="session")
 def single_rank():
     return one_rank()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import rank_pool
+
+    rank_pool.close()

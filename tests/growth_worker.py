@@ -25,15 +25,16 @@ import torch.distributed as dist
 
 def main(argv: list[str]) -> None:
     mode, out_dir, model_json, plan_json, optimizer, tp, pp = argv
-    from mgrow import rss
-    from mgrow.errors import ConfigError
-    from mgrow.growth import GrowthError, grow
-    from mgrow.growth.verify_job import RandomBatches, gather_state, train_config
-    from mgrow.model import build_gpt
-    from mgrow.model_config import ModelConfig
-    from mgrow.plan import load_plan
+    from mgrow.core import memory
+    from mgrow.core.errors import ConfigError
+    from mgrow.core.errors import GrowthError
+    from mgrow.transforms.grow import grow
+    from mgrow.testing.harness import RandomBatches, check_config as train_config, gather_state
+    from mgrow.engine.model import build_gpt
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.core.plan import load_plan
     from mgrow.parallel.dims import init_distributed, shutdown
-    from mgrow.train.engines import build_engine, global_mean_loss
+    from mgrow.engine.engines import build_engine, global_mean_loss
 
     model = ModelConfig(**json.loads(model_json))
     plan = load_plan(json.loads(plan_json))
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> None:
     cfg = train_config(model, dims, optimizer, min(32, model.max_sequence_length))
     result: dict = {"rank": dims.rank}
     if mode == "continue":
-        from mgrow.data import TokenWindows
+        from mgrow.train.data import TokenWindows
         from mgrow.train.loop import Batches
 
         repo = Path(__file__).resolve().parents[1]
@@ -73,10 +74,10 @@ def main(argv: list[str]) -> None:
         result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)), dims)
     elif mode == "memory":
         old_bytes = _state_bytes(engine)
-        rss.reset_peak()
-        start = rss.current()
+        memory.rss_reset_peak()
+        start = memory.rss_current()
         engine, grown_cfg, report = grow(engine, cfg, plan)
-        result["rss_growth"] = rss.peak() - start
+        result["rss_growth"] = memory.rss_peak() - start
         result["old_state_bytes"] = old_bytes
         result["new_state_bytes"] = _state_bytes(engine)
         result["largest_param_state_bytes"] = 3 * 4 * max(math.prod(s) for s in _shapes(grown_cfg.model))
@@ -103,7 +104,7 @@ def _snapshot(engine, model, gather_state) -> tuple[dict, float]:
 
 
 def _shapes(cfg):
-    from mgrow.layouts.megatron import parameter_shapes
+    from mgrow.core.parameters import parameter_shapes
 
     return parameter_shapes(cfg).values()
 

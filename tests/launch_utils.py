@@ -1,4 +1,5 @@
-"""Run `mgrow train` as a real multi-rank torchrun job from tests."""
+"""Run `mgrow train` and other commands as multi-rank jobs from tests: on the rank pool (tests/rank_pool.py), or as
+real torchrun / local-launcher processes where the launcher itself is what a test is about."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
+
+from rank_pool import pool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(
@@ -79,8 +83,20 @@ def torchrun(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout:
     return JobResult(done.returncode, done.stdout, done.stderr, rank_stderr, records)
 
 
-def local_job(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout: float = 240) -> JobResult:
-    """``mgrow train --nproc`` (the local launcher: torch elastic's agent, ranks forked from a preloaded server)."""
+def train_job(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout: float = 240,
+              env: Optional[dict] = None) -> JobResult:
+    """``mgrow train`` on ``nproc`` ranks of the rank pool, as under torchrun (every rank reports its own errors:
+    a rank that fails does not stop the others, which is what a test of per-rank errors needs)."""
+    metrics = tmp_path / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    done = pool().cli(nproc, ["train", "--config", config, *overrides], env=env, timeout=timeout)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return JobResult(done.returncode, done.stdout, done.stderr, done.rank_stderr, records)
+
+
+def launched_train_job(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout: float = 240) -> JobResult:
+    """``mgrow train --nproc``: the local launcher itself (ranks forked from a preloaded forkserver)."""
     metrics = tmp_path / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -91,29 +107,11 @@ def local_job(tmp_path: Path, nproc: int, config: Path, *overrides: str, timeout
     return JobResult(done.returncode, done.stdout, done.stderr, {}, records)
 
 
-def spawn_ranks(nproc: int, config: Path, *overrides: str, timeout: float = 120) -> JobResult:
-    """``nproc`` ranks of one job as plain processes with the environment torchrun gives its workers.
-
-    torchrun's agent kills the other workers as soon as one fails, so a rank that
-    fails later than its sibling may never get to print; these ranks live out
-    their own lives, which is what a test of per-rank errors needs.
-    """
-    from conftest import free_port
-
-    base = {**clean_env(), "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mgrow.cli", "train", "--config", str(config), *overrides],
-            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for rank in range(nproc)
-    ]
-    outputs = [proc.communicate(timeout=timeout) for proc in procs]
-    codes = [proc.returncode for proc in procs]
-    return JobResult(max(codes, key=abs), "".join(o for o, _ in outputs), "".join(e for _, e in outputs),
-                     {rank: e for rank, (_, e) in enumerate(outputs)}, [])
+def mgrow_job(nproc: int, *args, env: Optional[dict] = None, timeout: float = 300):
+    """``mgrow <args>`` on ``nproc`` ranks of the rank pool (``returncode``, ``stdout``, ``stderr`` as from
+    ``subprocess.run``); one rank runs the commands that work in one process (``verify`` of the reference
+    operators or of two checkpoints)."""
+    return pool().cli(nproc, [str(a) for a in args], env=env, timeout=timeout)
 
 
 def step_losses(result: JobResult) -> list[float]:

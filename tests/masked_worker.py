@@ -20,15 +20,15 @@ import torch.distributed as dist
 
 def main(argv: list[str]) -> None:
     out_dir, model_json, plan_json, optimizer, tp, pp, ramp_steps = argv
-    from mgrow.growth import grow
-    from mgrow.growth.masks import GrowthMasks, MaskRamp
-    from mgrow.growth.verify_job import RandomBatches, train_config
-    from mgrow.model import build_gpt
-    from mgrow.model_config import ModelConfig
-    from mgrow.plan import load_plan
+    from mgrow.transforms.grow import grow
+    from mgrow.transforms.masks import GrowthMasks, MaskRamp
+    from mgrow.testing.harness import RandomBatches, check_config as train_config
+    from mgrow.engine.model import build_gpt
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.core.plan import load_plan
     from mgrow.parallel.dims import init_distributed, shutdown
-    from mgrow.train.engines import build_engine, global_mean_loss
-    from mgrow.verify import random_state, random_tokens
+    from mgrow.engine.engines import build_engine, global_mean_loss
+    from mgrow.testing.harness import random_state, random_tokens
 
     model = ModelConfig(**json.loads(model_json))
     plan = load_plan(json.loads(plan_json))
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     report.masks.remove()
     own_hooks = _hook_count(engine.module)  # the framework's own (DeepSpeed ZeRO-3 hooks every module)
     result["without_masks"] = _max_diff(before, engine.logits(tokens))
-    masks = GrowthMasks.install(engine.module, plan.steps(model), model, plan.free_values(model), dims)
+    masks = GrowthMasks.install(engine.module, plan, model, dims)
     result["rebuilt_at_zero"] = _max_diff(before, engine.logits(tokens))
     ramp, seen, losses = MaskRamp(masks, 2, int(ramp_steps)), [], []
     for step in range(2, 3 + int(ramp_steps)):

@@ -11,6 +11,7 @@ steps. Rank 0 writes both loss lists and whether the gathered weights agree bit 
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -20,12 +21,12 @@ def main(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from mgrow.growth.verify_job import RandomBatches, gather_state, train_config
-    from mgrow.model import build_gpt
-    from mgrow.model_config import ModelConfig
+    from mgrow.testing.harness import RandomBatches, check_config as train_config, gather_state
+    from mgrow.engine.model import build_gpt
+    from mgrow.core.model_config import ModelConfig
     from mgrow.parallel import gloo_cuda
     from mgrow.parallel.dims import init_distributed, shutdown
-    from mgrow.train.engines import build_engine, global_mean_loss
+    from mgrow.engine.engines import build_engine, global_mean_loss
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from launch_utils import TINY_MODEL
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> None:
         Path(argv[0]).write_text(json.dumps({
             "plain": plain, "staged": staged,
             "weights_equal": all(torch.equal(plain_weights[n], staged_weights[n]) for n in plain_weights),
+            # DeepSpeed's collectives stage CUDA tensors through the CPU too
+            "deepspeed_stages_cuda": importlib.import_module("deepspeed.comm.torch")._needs_cpu_staging
+            is gloo_cuda._cuda_or_mps,
         }))
     dist.barrier()
     shutdown()

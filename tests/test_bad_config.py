@@ -3,7 +3,7 @@ before starting and ends a job whose rank fails with that rank's exit code."""
 
 import time
 
-from launch_utils import REPO, torchrun, write_config
+from launch_utils import REPO, clean_env, torchrun, write_config
 
 # Bad configs on every rank of a plain multi-process job: tests/test_bad_inputs.py (the catalog).
 
@@ -26,7 +26,7 @@ def test_local_launcher_refuses_before_starting_ranks(tmp_path):
     config = write_config(tmp_path, parallel={"tp": 2, "pp": 2})
     done = subprocess.run(
         [sys.executable, "-m", "mgrow.cli", "train", "--config", str(config), "--nproc", "6"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        capture_output=True, text=True, timeout=60, cwd=REPO, env=clean_env(),
     )
     assert done.returncode == 2
     assert "mgrow: error: parallel: tp*pp = 2*2 = 4 must divide the world size 6" in done.stderr
@@ -37,8 +37,6 @@ def test_local_launcher_ends_the_job_with_a_failing_rank_and_its_exit_code():
     (1 for a growth failure, 2 for bad input), no hang."""
     import subprocess
     import sys
-
-    from launch_utils import clean_env
 
     command = [sys.executable, "-m", "mgrow.cli", "verify", "--model", str(REPO / "configs/models/tiny.yaml"),
                "--plan", str(REPO / "configs/plans/all_ops.yaml"), "--dp", "2", "--optimizer", "adam"]

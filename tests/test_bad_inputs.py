@@ -1,11 +1,18 @@
 """A catalog of bad inputs (issue 9): plans, model configs, training configs, CLI flags, checkpoints and the
-launcher environment. Each case runs the real command (on two ranks where a job would run on several), and
-asserts the error each rank prints (the field and the rule), that every rank exits within the timeout, and
-that nothing on disk changed. The README's "When things go wrong" table is this catalog.
+launcher environment. Each case runs the command with each rank's environment (on two ranks where a job would
+run on several) and asserts the error each rank prints (the field and the rule), its exit code, and that nothing
+on disk changed. The README's "When things go wrong" table is this catalog.
+
+Every case but one is refused before torch is imported, so it runs in this process, once per rank's
+environment; one test runs all of them in a fresh process that cannot import torch, which proves it. The
+rendezvous case and a sample of the others run as real processes, one per rank, within a timeout.
 """
 
+import contextlib
 import hashlib
+import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import free_port
-from launch_utils import REPO, clean_env, write_config
+from launch_utils import REPO, clean_env, train_job, write_config
 
 TIMEOUT = 60
 GOOD_PLAN = {"ops": [{"mlp": {"ffn_hidden_size": 96}}]}
@@ -32,6 +39,7 @@ class Case:
     env: dict = field(default_factory=dict)
     overrides: tuple = ()
     launcher: bool = True  # rank variables set, as torchrun / the deepspeed launcher would
+    needs_ranks: bool = False  # refused only once the ranks meet (not before torch is imported)
 
 
 def plan_event(plan):
@@ -119,8 +127,15 @@ CASES = [
          argv=("verify", "--model", str(REPO / "configs/models/tiny.yaml"), "--plan",
                str(REPO / "configs/plans/all_ops.yaml"), "--tp", "2", "--dp", "2")),
     Case("unreachable rendezvous", "MASTER_ADDR: no rendezvous with rank 0 at 127.0.0.1:",
-         {"parallel": {"timeout_minutes": 0.05}}, ranks=1, env={"RANK": "1", "WORLD_SIZE": "2"}),
+         {"parallel": {"timeout_minutes": 0.05}}, ranks=1, env={"RANK": "1", "WORLD_SIZE": "2"}, needs_ranks=True),
 ]
+
+
+# Run as real processes too: the cases that need ranks, and one of each kind of the others.
+LAUNCHED = [c for c in CASES if c.needs_ranks] + [c for c in CASES if c.name in (
+    "plan shrinks", "latest names a missing step", "world size not a multiple of tp*pp", "verify --tp 0")]
+BEFORE_TORCH = [c for c in CASES if not c.needs_ranks]
+RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +144,7 @@ def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("catalog_checkpoint")
     config = write_config(tmp, train={"steps": 2}, optimizer={"warmup_steps": 1},
                           checkpoint={"save": str(tmp / "ckpt")})
-    done = subprocess.run([sys.executable, "-m", "mgrow.cli", "train", "--config", str(config), "--nproc", "1"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    done = train_job(tmp, 1, config)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp / "ckpt"
 
@@ -145,11 +158,9 @@ def fill(text: str, tmp: Path, ckpt: Path) -> str:
     return text.replace("{tmp}", str(tmp)).replace("{ckpt}", str(ckpt))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_a_bad_input_is_refused_with_its_field_on_every_rank(case, tmp_path, checkpoint):
+def prepare(case: Case, tmp_path: Path, checkpoint: Path) -> list[str]:
+    """The case's files under ``tmp_path`` (a checkpoint copy, corrupted as the case says, a config); its argv."""
     ckpt = tmp_path / "ckpt"
-    import shutil
-
     shutil.copytree(checkpoint, ckpt)
     if case.env.get("corrupt") == "mgrow.json":
         (ckpt / "step_00000002" / "mgrow.json").write_text("{ not json")
@@ -167,27 +178,98 @@ def test_a_bad_input_is_refused_with_its_field_on_every_rank(case, tmp_path, che
     raw = yaml.safe_load(config.read_text())
     raw.update({k: v for k, v in sections.items() if k in ("growth", "trainer")})
     config.write_text(yaml.safe_dump(raw))
-    argv = [fill(a, tmp_path, ckpt) for a in case.argv] or ["train", "--config", str(config), *case.overrides]
-    before = snapshot(tmp_path)
+    return [fill(a, tmp_path, ckpt) for a in case.argv] or ["train", "--config", str(config), *case.overrides]
 
-    port = str(free_port())
-    env = {**clean_env(), "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    start = time.monotonic()
-    procs = []
+
+def rank_env(case: Case, rank: int, port: str) -> dict:
+    """The variables a launcher gives this rank (none without one), and the case's own."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    if case.launcher:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks), LOCAL_WORLD_SIZE=str(case.ranks))
+    env.update({k: v for k, v in case.env.items() if k != "corrupt"})
+    return env
+
+
+def check_rank(case: Case, rank: int, code: int, stderr: str, tmp_path: Path) -> None:
+    expected = "mgrow: error: " + fill(case.error, tmp_path, tmp_path / "ckpt")
+    lines = [line for line in stderr.splitlines() if line.startswith("mgrow: error: ")]
+    assert len(lines) == 1 and lines[0].startswith(expected), f"rank {rank}: {stderr[-2000:]}"
+    assert code == 2, (rank, code)
+
+
+def test_the_in_process_cases_are_refused_before_torch_is_imported(tmp_path, checkpoint):
+    """Every in-process case, each rank's environment in turn, in one process where importing torch fails."""
+    runs = []
+    for index, case in enumerate(BEFORE_TORCH):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        runs.append((prepare(case, folder, checkpoint), [rank_env(case, rank, "1") for rank in range(case.ranks)]))
+    script = """
+import contextlib, io, json, os, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported while refusing a bad input")
+sys.meta_path.insert(0, NoTorch())
+from mgrow.cli import main
+results = []
+for argv, envs in json.loads(sys.argv[1]):
+    for env in envs:
+        saved = dict(os.environ)
+        os.environ.update(env)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except BaseException as error:
+                code = repr(error)
+        os.environ.clear()
+        os.environ.update(saved)
+        results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = iter(json.loads(done.stdout.splitlines()[-1]))
+    for index, case in enumerate(BEFORE_TORCH):
+        for rank in range(case.ranks):
+            code, stderr = next(results)
+            check_rank(case, rank, code, stderr, tmp_path / str(index))
+
+
+@pytest.mark.parametrize("case", BEFORE_TORCH, ids=[c.name for c in BEFORE_TORCH])
+def test_a_bad_input_is_refused_with_its_field_on_every_rank(case, tmp_path, checkpoint, monkeypatch):
+    from mgrow.cli import main
+
+    argv = prepare(case, tmp_path, checkpoint)
+    before = snapshot(tmp_path)
     for rank in range(case.ranks):
-        rank_env = dict(env)
-        if case.launcher:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks),
-                            LOCAL_WORLD_SIZE=str(case.ranks))
-        rank_env.update({k: v for k, v in case.env.items() if k != "corrupt"})
-        procs.append(subprocess.Popen([sys.executable, "-m", "mgrow.cli", *argv], cwd=REPO, env=rank_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        with monkeypatch.context() as patch:
+            for name in RANK_ENV:
+                patch.delenv(name, raising=False)
+            for name, value in rank_env(case, rank, str(free_port())).items():
+                patch.setenv(name, value)
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                code = main(argv)
+        check_rank(case, rank, code, stderr.getvalue(), tmp_path)
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("case", LAUNCHED, ids=[c.name for c in LAUNCHED])
+def test_a_bad_input_is_refused_by_every_rank_process(case, tmp_path, checkpoint):
+    """The same as real processes, one per rank, each exiting within the timeout."""
+    argv = prepare(case, tmp_path, checkpoint)
+    before = snapshot(tmp_path)
+    port = str(free_port())
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "mgrow.cli", *argv], cwd=REPO,
+                              env={**clean_env(), "PYTHONWARNINGS": "ignore", **rank_env(case, rank, port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(case.ranks)]
     outputs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
     assert time.monotonic() - start < TIMEOUT
-
-    expected = "mgrow: error: " + fill(case.error, tmp_path, ckpt)
     for rank, (proc, (_, stderr)) in enumerate(zip(procs, outputs)):
-        lines = [line for line in stderr.splitlines() if line.startswith("mgrow: error: ")]
-        assert len(lines) == 1 and lines[0].startswith(expected), f"rank {rank}: {stderr[-2000:]}"
-        assert proc.returncode == 2, (rank, proc.returncode)
+        check_rank(case, rank, proc.returncode, stderr, tmp_path)
     assert snapshot(tmp_path) == before  # nothing written, nothing changed

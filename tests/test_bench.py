@@ -2,18 +2,14 @@
 asserted: benchmarks, not timed tests)."""
 
 import json
-import subprocess
-import sys
 
-from launch_utils import REPO, clean_env
+from launch_utils import REPO, mgrow_job
 
 
 def test_bench_growth_reports_growth_roundtrip_floor_and_throughput():
-    done = subprocess.run(
-        [sys.executable, "-m", "mgrow.cli", "bench", "growth", "--model", str(REPO / "configs/models/tiny_gqa_swiglu.yaml"),
-         "--plan", str(REPO / "configs/plans/tiny_gqa_widen.yaml"), "--tp", "2", "--optimizer", "megatron",
-         "--throughput-steps", "2", "--device", "cpu"],
-        capture_output=True, text=True, timeout=240, cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    done = mgrow_job(2, "bench", "growth", "--model", REPO / "configs/models/tiny_gqa_swiglu.yaml",
+                     "--plan", REPO / "configs/plans/tiny_gqa_widen.yaml", "--tp", "2", "--optimizer", "megatron",
+                     "--throughput-steps", "2", "--device", "cpu", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("{")]
     result = json.loads(line)

@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from launch_utils import local_job, step_losses, write_config
+from launch_utils import train_job, step_losses, write_config
 
 # Wider MLP and more heads rescale nothing: the old bf16 parameters stay bit for bit and the new ones add
 # exact zeros, so the held-out loss is unchanged bit for bit, not just within bf16 rounding.
@@ -25,7 +25,7 @@ def test_a_bf16_job_grows_mid_run_and_resumes_on_another_layout(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     root = tmp_path / "a" / "ckpt"
-    first = local_job(tmp_path / "a", 2, bf16_config(tmp_path / "a", 2, save=str(root), interval=2))
+    first = train_job(tmp_path / "a", 2, bf16_config(tmp_path / "a", 2, save=str(root), interval=2))
     reference = step_losses(first)
     (event,) = [r for r in first.metrics if r.get("event") == "growth"]
     assert event["held_loss_after"] == event["held_loss_before"] and event["max_abs_logit_diff"] == 0.0, event
@@ -33,6 +33,6 @@ def test_a_bf16_job_grows_mid_run_and_resumes_on_another_layout(tmp_path):
     metadata = json.loads((root / "step_00000004" / "mgrow.json").read_text())
     assert metadata["model"]["bf16"] is True and metadata["model"]["ffn_hidden_size"] == 96
 
-    resumed = step_losses(local_job(tmp_path / "b", 1, bf16_config(tmp_path / "b", 1, load=str(root / "step_00000004"))))
+    resumed = step_losses(train_job(tmp_path / "b", 1, bf16_config(tmp_path / "b", 1, load=str(root / "step_00000004"))))
     assert len(resumed) == 2
     assert max(abs(a - b) for a, b in zip(resumed, reference[4:])) <= 1e-5, (resumed, reference)

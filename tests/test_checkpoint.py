@@ -11,15 +11,16 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from conftest import free_port
-from launch_utils import REPO, clean_env, local_job, spawn_ranks, write_config
-from mgrow.checkpoint import CheckpointError, files, open_for_resume
-from mgrow.errors import ConfigError
+from launch_utils import REPO, clean_env, train_job, write_config
+from mgrow.checkpoint import files
+from mgrow.core.errors import CheckpointError
+from mgrow.train.resume import open_for_resume
+from mgrow.core.errors import ConfigError
 from mgrow.train import config as train_config
 
 TOL = 1e-5
@@ -62,7 +63,7 @@ def assert_same_losses(resumed: dict, reference: dict, first_step: int):
 def reference_run(factory, name, optimizer, tp, pp, nproc):
     tmp = factory.mktemp(name)
     config = make_config(tmp, optimizer, tp, pp, schedule(), save=str(tmp / "ckpt"), interval=2)
-    result = local_job(tmp, nproc, config)
+    result = train_job(tmp, nproc, config)
     return tmp, losses(result), events_of(result)
 
 
@@ -99,7 +100,7 @@ def test_megatron_checkpoint_resumes_on_other_layouts(megatron_run, tmp_path, tp
     step 5 exactly once, the first is not re-applied, and steps 5-9 give the uninterrupted losses."""
     tmp, reference, _ = megatron_run
     config = make_config(tmp_path, "megatron", tp, pp, schedule(), load=str(tmp / "ckpt" / "step_00000004"))
-    result = local_job(tmp_path, nproc, config)
+    result = train_job(tmp_path, nproc, config)
     assert_same_losses(losses(result), reference, first_step=5)
     assert events_of(result) == [5]
 
@@ -110,7 +111,7 @@ def test_zero2_checkpoint_resumes_on_other_layouts(zero_run, tmp_path, tp, nproc
     tmp, reference, events = zero_run
     assert events == [2, 5]
     config = make_config(tmp_path, "zero2", tp, 1, schedule(), load=str(tmp / "ckpt" / "step_00000004"))
-    result = local_job(tmp_path, nproc, config)
+    result = train_job(tmp_path, nproc, config)
     assert_same_losses(losses(result), reference, first_step=5)
     assert events_of(result) == [5]
     assert not any(p.name.startswith(".universal") for p in (tmp / "ckpt").iterdir())  # scratch removed
@@ -120,9 +121,9 @@ def test_zero3_checkpoint_resumes_on_another_layout(tmp_path):
     """ZeRO-3 at DP2 resumed at DP1 through the universal checkpoint: DeepSpeed 0.19.8's ZeRO-3 universal
     load shares one Adam step between sub-groups and gives the no-decay group weight decay; without the
     repair the third resumed loss is off by ~4e-3."""
-    reference = losses(local_job(tmp_path, 2, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
+    reference = losses(train_job(tmp_path, 2, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
                                                           save=str(tmp_path / "ckpt"), interval=3)))
-    resumed = losses(local_job(tmp_path, 1, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
+    resumed = losses(train_job(tmp_path, 1, make_config(tmp_path, "zero3", 1, 1, [], steps=6,
                                                         load=str(tmp_path / "ckpt" / "step_00000003"))))
     assert sorted(resumed) == [4, 5, 6]
     assert max(abs(resumed[s] - reference[s]) for s in resumed) <= TOL, (resumed, reference)
@@ -157,16 +158,9 @@ def test_grow_checkpoint_equals_growing_in_memory(megatron_run, tmp_path):
 
 
 def grown_plan():
-    from mgrow.plan import load_plan
+    from mgrow.core.plan import load_plan
 
     return load_plan(FIRST).to_dict()
-
-
-def run_cli(*args):
-    done = subprocess.run([sys.executable, "-m", "mgrow.cli", *args], capture_output=True, text=True, timeout=240,
-                          cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- bad checkpoints
@@ -228,22 +222,23 @@ def test_every_rank_refuses_a_mismatching_checkpoint_before_starting(megatron_ru
     raw = yaml.safe_load(config.read_text())
     raw["model"]["hidden_size"] = 64
     config.write_text(yaml.safe_dump(raw))
-    result = spawn_ranks(2, config, timeout=120)
+    result = train_job(tmp_path, 2, config, timeout=120)
     assert result.returncode == 2
     for rank in (0, 1):
         assert "mgrow: error: model.hidden_size: the checkpoint" in result.rank_stderr[rank], rank
 
 
 def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(megatron_run, tmp_path):
-    from mgrow.checkpoint.offline import grow_command
     from mgrow.cli import main
+    from mgrow.jobs.grow_checkpoint import main as grow_command
 
     plan = tmp_path / "shrink.yaml"
     plan.write_text(yaml.safe_dump({"ops": [{"mlp": {"ffn_hidden_size": 64}}]}))
     before = sorted(p.name for p in (megatron_run[0] / "ckpt").iterdir())
     with pytest.raises(ConfigError) as caught:
         grow_command(argparse.Namespace(source=str(megatron_run[0] / "ckpt"), plan=str(plan),
-                                        out=str(tmp_path / "out"), tp=None, pp=None, dp=None))
+                                        out=str(tmp_path / "out"), tp=None, pp=None, dp=None, device="auto",
+                                        backend="auto"))
     assert caught.value.field == f"--plan {plan}: ops[0].mlp.ffn_hidden_size", caught.value
     assert "step_00000009" in caught.value.rule
     assert main(["grow-checkpoint", "--in", str(tmp_path / "nowhere"), "--plan", str(plan), "--out", "x"]) == 2
@@ -257,10 +252,10 @@ def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(megatron_run, tmp_pa
 def test_the_distributed_optimizer_bugs_the_loader_works_around_are_still_there(single_rank):
     """If megatron-core fixes these, mgrow/checkpoint/megatron_format.py can drop its work-arounds."""
     from launch_utils import TINY_MODEL
-    from mgrow.growth.verify_job import RandomBatches, train_config as verify_config
-    from mgrow.model import build_gpt
-    from mgrow.model_config import ModelConfig
-    from mgrow.train.engines import build_engine
+    from mgrow.testing.harness import RandomBatches, check_config as verify_config
+    from mgrow.engine.model import build_gpt
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.engine.engines import build_engine
 
     model = ModelConfig(**TINY_MODEL)
     cfg = verify_config(model, single_rank, "megatron", 16)
@@ -284,10 +279,10 @@ def test_a_save_starts_no_manager_process(single_rank, tmp_path):
 
     from launch_utils import TINY_MODEL
     from mgrow.checkpoint import megatron_format
-    from mgrow.growth.verify_job import train_config as verify_config
-    from mgrow.model import build_gpt
-    from mgrow.model_config import ModelConfig
-    from mgrow.train.engines import build_engine
+    from mgrow.testing.harness import check_config as verify_config
+    from mgrow.engine.model import build_gpt
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.engine.engines import build_engine
 
     assert "Manager()" in inspect.getsource(filesystem_async._get_write_results_queue)
     model = ModelConfig(**TINY_MODEL)

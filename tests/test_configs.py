@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mgrow.errors import ConfigError
+from mgrow.core.errors import ConfigError
 from mgrow.train import config as train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_the_gpt_ladder_grows_into_the_next_size(config, target, monkeypatch):
 
     import yaml
 
-    from mgrow.model_config import ModelConfig
+    from mgrow.core.model_config import ModelConfig
     from mgrow.train.schedule import final_model
 
     monkeypatch.chdir(REPO)

@@ -58,6 +58,17 @@ def test_auto_device_is_the_cpu_without_a_gpu():
     assert (choice.device.type, choice.backend) == ("cpu", "gloo")
 
 
+def test_deepspeed_builds_its_shm_all_reduce_only_where_marked_compatible(single_rank):
+    """Fails when DeepSpeed stops gating the op on ``__compatible_ops__`` (then the CPU ranks would compile it)."""
+    import deepspeed.ops
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm.torch is also torch itself
+
+    assert "deepspeed.ops.__compatible_ops__.get(builder.NAME, False)" in inspect.getsource(ds_torch.build_shm_op)
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False  # set by cpu_shims.apply
+    assert ds_torch.build_shm_op() is None
+
+
 def test_cuda_type_names_are_scoped():
     with cpu_shims._cuda_type_names():
         assert torch.zeros(1).type() == "torch.cuda.FloatTensor"

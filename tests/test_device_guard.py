@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1] / "mgrow"
 FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "randint", "randperm", "eye",
              "linspace", "as_tensor", "from_numpy", "Generator", "empty_strided", "scalar_tensor"}
 ALLOWED = {
-    ("data.py", "build_corpus"): "numpy bytes of the corpus file, written to disk; never on a device",
-    ("data.py", "TokenWindows.__init__"): "the token stream lives in host memory; batches are pinned and moved "
+    ("train/data.py", "build_corpus"): "numpy bytes of the corpus file, written to disk; never on a device",
+    ("train/data.py", "TokenWindows.__init__"): "the token stream lives in host memory; batches are pinned and moved "
                                           "by the engine",
-    ("warm_start.py", "bigram_log_probs"): "float64 statistics on rank 0's CPU, broadcast after factorising",
+    ("train/warm_start.py", "bigram_log_probs"): "float64 statistics on rank 0's CPU, broadcast after factorising",
 }
 
 
@@ -67,12 +67,12 @@ def test_every_tensor_in_mgrow_names_its_device_or_is_cpu_by_design():
                                   "torch.Generator().manual_seed(seed)"])
 def test_the_guard_catches_a_device_less_tensor_on_the_growth_path(line):
     """The negative control: one device-less tensor added to growth's agreement is flagged."""
-    source = (ROOT / "growth" / "transaction.py").read_text()
+    source = (ROOT / "transforms" / "agreement.py").read_text()
     broken = source.replace("    def check(self, error: Optional[BaseException], what: str) -> None:\n",
                             "    def check(self, error: Optional[BaseException], what: str) -> None:\n"
                             f"        flag = {line}\n", 1)
     assert broken != source
-    assert device_less_calls(source, "growth/transaction.py") == []
-    assert device_less_calls(broken, "growth/transaction.py") == [("growth/transaction.py", "_Agreement.check",
+    assert device_less_calls(source, "transforms/agreement.py") == []
+    assert device_less_calls(broken, "transforms/agreement.py") == [("transforms/agreement.py", "Agreement.check",
                                                                   source[:source.index("    def check(self")]
                                                                   .count("\n") + 2)]

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from launch_utils import REPO, clean_env
-from mgrow.bench.efficiency import Curve, curve, summarize
-from mgrow.bench.flops import forward_flops_per_token, training_flops_per_token
-from mgrow.model_config import ModelConfig
+from mgrow.jobs.bench.efficiency import Curve, curve, summarize
+from mgrow.jobs.bench.flops import forward_flops_per_token, training_flops_per_token
+from mgrow.core.model_config import ModelConfig
 
 GPT2_LIKE = dict(num_layers=3, hidden_size=48, num_attention_heads=4, vocab_size=256, max_sequence_length=64)
 
@@ -31,7 +31,7 @@ def test_flops_equal_megatron_formula_for_mha():
 def test_flops_are_two_per_weight_of_every_matmul(single_rank, options):
     """Independent of the formula: 2 FLOPs per multiply-add of every linear weight of a real GPTModel
     (output layer included, embedding lookups not), plus QK^T and attention x V."""
-    from mgrow.model import build_gpt
+    from mgrow.engine.model import build_gpt
 
     model = ModelConfig(**{**GPT2_LIKE, **options})
     s = 32

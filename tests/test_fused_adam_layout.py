@@ -10,16 +10,17 @@ Growth must carry the moments and the group step; a checkpoint must bring both b
 import pytest
 import torch
 
-from mgrow.checkpoint import Progress, files, save
-from mgrow.checkpoint.offline import restored_engine
-from mgrow.growth import grow
-from mgrow.growth.verify_job import RandomBatches, gather_state, train_config
-from mgrow.model import build_gpt
-from mgrow.model_config import ModelConfig
+from mgrow.checkpoint import files
+from mgrow.checkpoint.state import Progress, save
+from mgrow.train.restore import restored_engine
+from mgrow.transforms.grow import grow
+from mgrow.testing.harness import RandomBatches, check_config as train_config, gather_state
+from mgrow.engine.model import build_gpt
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import apply_to_optimizer_state
-from mgrow.plan import apply_plan
-from mgrow.train.engines import build_engine
-from mgrow.verify import random_state
+from mgrow.ops.plan import apply_plan
+from mgrow.engine.engines import build_engine
+from mgrow.testing.harness import random_state
 
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
              vocab_size=256, max_sequence_length=16, normalization="RMSNorm", activation="swiglu",

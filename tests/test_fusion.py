@@ -2,21 +2,19 @@
 
 Self-fusion F(A, A) must equal A (1e-5, through a real GPTModel forward; `mgrow verify --before A --after F`
 checks the fused checkpoint independently at TP1). F(A, B) is only approximately the logit average: its
-deviation is reported and its weights and moments must have the block structure of GROWTH_MATH.md.
+deviation is reported and its weights and moments must have the block structure of docs/growth_math.md.
 """
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from launch_utils import REPO, clean_env, local_job, write_config
-from mgrow.model_config import ModelConfig
+from launch_utils import mgrow_job, train_job, write_config
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops.fusion import fuse_state, fuse_tensor
-from mgrow.verify import logits, random_state, random_tokens
+from mgrow.testing.harness import random_state, random_tokens, reference_logits as logits
 
 TOL = 1e-5
 VARIANTS = {
@@ -70,12 +68,12 @@ def test_fusion_of_two_state_dicts_is_block_diagonal_and_near_the_logit_average(
 # ----------------------------------------------------------------------------- `mgrow fuse` on TP2 checkpoints
 
 
-def fuse(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mgrow.cli", "fuse", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=180, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+def fuse(*args: str):
+    """``mgrow fuse`` on the two ranks of the checkpoints' layout (TP2), from the rank pool."""
+    return mgrow_job(2, "fuse", *args, timeout=180)
 
 
-def report(run: subprocess.CompletedProcess) -> dict:
+def report(run) -> dict:
     assert run.returncode == 0, run.stderr[-4000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, run.stdout
@@ -88,7 +86,7 @@ def checkpoints(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fusion")
     config = write_config(tmp, parallel={"tp": 2}, train={"steps": 2}, optimizer={"type": "megatron", "warmup_steps": 1},
                           checkpoint={"save": str(tmp / "ckpt"), "interval": 1})
-    done = local_job(tmp, 2, config)
+    done = train_job(tmp, 2, config)
     assert done.returncode == 0, done.stderr[-4000:]
     return tmp, tmp / "ckpt" / "step_00000001", tmp / "ckpt" / "step_00000002"
 
@@ -98,16 +96,14 @@ def test_fuse_a_checkpoint_with_itself_at_tp2_keeps_its_logits(checkpoints):
     result = report(fuse("--a", str(a), "--b", str(a), "--out", str(tmp / "fused_aa")))
     assert result["max_abs_logit_diff_vs_average"] <= TOL
     assert result["model"]["hidden_size"] == 64 and result["params_fused"] > 2 * result["params_a"]
-    verify = subprocess.run([sys.executable, "-m", "mgrow.cli", "verify", "--before", str(a), "--after",
-                             str(tmp / "fused_aa"), "--tol", str(TOL)], cwd=REPO, capture_output=True, text=True,
-                            timeout=180, env={**clean_env(), "PYTHONWARNINGS": "ignore"})
-    checked = report(verify)
+    checked = report(mgrow_job(1, "verify", "--before", a, "--after", tmp / "fused_aa", "--tol", TOL, timeout=180))
     assert checked["ok"] and checked["max_abs_logit_diff"] <= TOL and checked["max_abs_logit"] > 0.1
 
 
 def test_fuse_two_checkpoints_reports_the_deviation_and_has_the_block_structure(checkpoints, single_rank):
-    from mgrow.checkpoint.offline import read, restored_engine
-    from mgrow.growth.verify_job import gather_state
+    from mgrow.checkpoint.files import open_checkpoint as read
+    from mgrow.train.restore import restored_engine
+    from mgrow.testing.harness import gather_state
 
     tmp, a, b = checkpoints
     result = report(fuse("--a", str(a), "--b", str(b), "--out", str(tmp / "fused_ab")))

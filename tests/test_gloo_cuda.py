@@ -17,11 +17,11 @@ from launch_utils import REPO, clean_env
 def test_staged_p2p_and_one_by_one_collectives_train_bit_for_bit_alike(tmp_path):
     out = tmp_path / "result.json"
     launch = ("import sys; sys.path.insert(0, 'tests'); import staging_worker; "
-              "from mgrow.train.launch import launch_local; "
+              "from mgrow.jobs.launch import launch_local; "
               f"sys.exit(launch_local(4, staging_worker.main, [{str(out)!r}]))")
     done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=240, cwd=REPO,
                           env={**clean_env(), "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(out.read_text())
     assert result["plain"] == result["staged"] and len(set(result["plain"])) == 3, result
-    assert result["weights_equal"], result
+    assert result["weights_equal"] and result["deepspeed_stages_cuda"], result

@@ -1,6 +1,7 @@
 """Sharded growth in real jobs (issue 4): all-or-nothing on a failure, memory bound, training goes on.
 
-Each test runs tests/growth_worker.py as local ranks (mgrow.train.launch); every rank writes its result file.
+Each test runs tests/growth_worker.py on ranks of the rank pool (the memory bound on freshly launched ranks,
+whose heap no earlier job has shaped); every rank writes its result file.
 """
 
 import json
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from launch_utils import REPO, clean_env
+from rank_pool import pool
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
             ffn_hidden_size=64, vocab_size=256, max_sequence_length=32, normalization="RMSNorm",
@@ -18,15 +20,18 @@ EVERY_KIND = {"ops": [{"hidden": {"hidden_size": 48}}, {"heads": {"num_attention
                       {"mlp": {"ffn_hidden_size": 128}}, {"layers": {"insert_before": [1], "num_layers": 4}}]}
 
 
-def run_worker(tmp_path, mode, nproc, model, plan, optimizer, tp, pp, env=None, timeout=300):
+def run_worker(tmp_path, mode, nproc, model, plan, optimizer, tp, pp, env=None, timeout=300, launched=False):
     out = tmp_path / "out"
     out.mkdir()
     argv = [mode, str(out), json.dumps(model), json.dumps(plan), optimizer, str(tp), str(pp)]
-    launch = ("import sys; sys.path.insert(0, 'tests'); import growth_worker; "
-              "from mgrow.train.launch import launch_local; "
-              f"sys.exit(launch_local({nproc}, growth_worker.main, {argv!r}))")
-    done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**clean_env(), "PYTHONWARNINGS": "ignore", **(env or {})})
+    if launched:  # mgrow's local launcher: new rank processes
+        launch = ("import sys; sys.path.insert(0, 'tests'); import growth_worker; "
+                  "from mgrow.jobs.launch import launch_local; "
+                  f"sys.exit(launch_local({nproc}, growth_worker.main, {argv!r}))")
+        done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO, env={**clean_env(), "PYTHONWARNINGS": "ignore", **(env or {})})
+    else:
+        done = pool().run(nproc, "growth_worker:main", (argv,), env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
 
@@ -75,9 +80,10 @@ def test_peak_memory_stays_within_old_plus_new_shard_plus_one_parameter(tmp_path
     plan = {"ops": [{"mlp": {"ffn_hidden_size": 1536}}, {"heads": {"num_attention_heads": 16}},
                     {"layers": {"insert_before": [2, 4]}}]}
     # A fixed mmap threshold: glibc otherwise raises it to the size of each freed block and keeps later
-    # blocks of that size in the heap, so RSS would count freed transient buffers as in use.
+    # blocks of that size in the heap, so RSS would count freed transient buffers as in use. glibc reads it
+    # when a process starts, so these ranks are new processes.
     results = run_worker(tmp_path, "memory", 8, model, plan, "megatron", 2, 2, timeout=400,
-                         env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+                         env={"MALLOC_MMAP_THRESHOLD_": "131072"}, launched=True)
     for result in results:
         bound = result["old_state_bytes"] + result["new_state_bytes"] + result["largest_param_state_bytes"]
         assert result["rss_growth"] <= bound, (result, bound)

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import free_port
 from launch_utils import REPO, clean_env, write_config
-from mgrow.errors import ConfigError
+from mgrow.core.errors import ConfigError
 from mgrow.train import config as train_config
 
 PLAN = {"ops": [{"hidden": {"hidden_size": 48}}, {"heads": {"num_attention_heads": 8}},
@@ -115,9 +115,9 @@ def test_token_trigger_batch_change_and_reset_continue_the_data_stream(tmp_path)
     raw["growth"] = [{"at_tokens": 600, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 96}}]},
                       "optimizer_state": "reset", "global_batch_size": 16}]
     config.write_text(yaml.safe_dump(raw))
-    from launch_utils import local_job
+    from launch_utils import train_job
 
-    result = local_job(tmp_path, 2, config)
+    result = train_job(tmp_path, 2, config)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [r for r in result.metrics if "loss" in r]
     (event,) = [r for r in result.metrics if r.get("event") == "growth"]
@@ -130,8 +130,8 @@ def test_token_trigger_batch_change_and_reset_continue_the_data_stream(tmp_path)
 
 def _grown_params():
     from launch_utils import TINY_MODEL
-    from mgrow.model_config import ModelConfig
-    from mgrow.plan import load_plan
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.core.plan import load_plan
 
     return load_plan(PLAN).validate(ModelConfig(**TINY_MODEL))[-1].num_parameters()
 
@@ -165,7 +165,7 @@ def test_events_must_come_in_order(tmp_path):
 
 
 def test_plot_draws_the_loss_curve_with_growth_events(tmp_path):
-    from mgrow.plot import plot_loss
+    from mgrow.train.plot import plot_loss
 
     metrics = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 5.0 - 0.1 * s} for s in range(1, 11)]

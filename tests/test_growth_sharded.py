@@ -1,7 +1,7 @@
 """Sharded growth in memory (issue 4): the invariants on every layout and optimizer path, through `mgrow verify`.
 
-Each run starts tp*pp*dp local ranks, trains a random model 2 steps, grows it
-by each plan and reports (see mgrow/growth/verify_job.py). Checked here:
+Each run takes tp*pp*dp ranks of the rank pool, trains a random model 2 steps,
+grows it by each plan and reports (see mgrow/testing/invariants.py). Checked here:
 logits before vs after <= 1e-5; gathered grown weights and Adam moments equal
 the reference operators' (after the documented shard-local permutation)
 exactly; one more step leaves the old slice within 1e-6 of the same step on
@@ -9,18 +9,16 @@ the ungrown model, for every plan that does not rescale old weights.
 
 The bf16 runs (issue 10) check the same on the fp32 masters, plus: every bf16
 parameter is the bf16 rounding of its grown master, bit for bit; logits agree
-within the derived bf16 tolerance (verify_job.bf16_logit_tol) where a plan
+within the derived bf16 tolerance (invariants.bf16_logit_tol) where a plan
 rescales old weights, and bit for bit where it does not.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from launch_utils import REPO, clean_env
+from launch_utils import mgrow_job
 
 MODEL_A = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
                ffn_hidden_size=64, vocab_size=64, max_sequence_length=16, normalization="LayerNorm",
@@ -64,18 +62,17 @@ BF16_RUNS = [  # the acceptance layouts of issue 10, and the third optimizer pat
 ]
 
 
-def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, env=None, bf16=False):
+def run_verify(tmp_path, optimizer, tp, pp, dp, model, plans, bf16=False):
+    """``mgrow verify`` on tp x pp x dp ranks of the rank pool."""
     model_path = tmp_path / "model.yaml"
     model_path.write_text(yaml.safe_dump(model))
-    command = [sys.executable, "-m", "mgrow.cli", "verify", "--model", str(model_path),
-               "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--optimizer", optimizer, *(["--bf16"] * bf16),
-               "--device", "cpu"]
+    args = ["verify", "--model", model_path, "--tp", tp, "--pp", pp, "--dp", dp, "--optimizer", optimizer,
+            *(["--bf16"] * bf16), "--device", "cpu"]
     for index, plan in enumerate(plans):
         path = tmp_path / f"plan{index}.yaml"
         path.write_text(yaml.safe_dump(plan))
-        command += ["--plan", str(path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**clean_env(), **(env or {})})
+        args += ["--plan", path]
+    done = mgrow_job(tp * pp * dp, *args)
     return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 

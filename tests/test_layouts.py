@@ -3,13 +3,14 @@ import math
 import pytest
 import torch
 
-from mgrow.layouts import megatron as table
-from mgrow.model_config import ModelConfig
+from mgrow.core import parameters
+from mgrow.parallel import layout as table
+from mgrow.core.model_config import ModelConfig
 
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_table_agrees_with_megatron_partition_attributes(single_rank, gated):
-    from mgrow.model import build_gpt, global_names
+    from mgrow.engine.model import build_gpt, global_names
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
                       max_sequence_length=16, activation="swiglu" if gated else "gelu", qk_layernorm=True)
@@ -51,12 +52,12 @@ LAYOUT_MODELS = [
 
 @pytest.mark.parametrize("model", LAYOUT_MODELS, ids=range(len(LAYOUT_MODELS)))
 def test_parameter_shapes_match_a_built_model(single_rank, model):
-    from mgrow.model import build_gpt, gather_full_tensors
+    from mgrow.engine.model import build_gpt, gather_full_tensors
 
     cfg = ModelConfig(**{**dict(num_layers=3, hidden_size=24, num_attention_heads=4, vocab_size=40,
                                 max_sequence_length=8, ffn_hidden_size=20), **model})
     built = {name: tuple(t.shape) for name, t in gather_full_tensors(build_gpt(cfg, single_rank), cfg, single_rank).items()}
-    assert table.parameter_shapes(cfg) == built
+    assert parameters.parameter_shapes(cfg) == built
     assert sum(math.prod(s) for s in built.values()) == cfg.num_parameters()
 
 

@@ -9,21 +9,20 @@ DistributedOptimizer and on PP2 with inserted layers, through `grow(..., masked=
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from launch_utils import REPO, clean_env
+from rank_pool import pool
 from conftest import one_rank
-from mgrow.growth.masks import GrowthMasks, MaskRamp, free_masked_entries, mask_value
-from mgrow.model import build_gpt, position_ids
-from mgrow.model_config import ModelConfig
+from mgrow.transforms.masks import GrowthMasks, MaskRamp, free_masked_entries, mask_value
+from mgrow.engine.model import build_gpt, position_ids
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import Kind
-from mgrow.plan import apply_plan, load_plan
-from mgrow.verify import random_state, random_tokens
+from mgrow.core.plan import load_plan
+from mgrow.ops.plan import apply_plan, free_values
+from mgrow.testing.harness import random_state, random_tokens
 
 TOL = 1e-5
 MISSING_MASK_MOVES = 1e-3
@@ -58,11 +57,11 @@ def masked_growth(cfg, ops, seed=0):
     tokens = random_tokens(cfg, seed, batch=2, seq=8)
     before = forward(build_gpt(cfg, one_rank(), init=state), tokens)
     result = apply_plan(state, cfg, plan)
-    values = plan.free_values(cfg).for_stream(len(plan.ops))
+    values = free_values(plan, cfg).for_stream(len(plan.ops))
     grown = {name: free_masked_entries(name, t, result.maps[name], values) for name, t in result.state.items()}
     refilled = sum(int(((grown[n] != t) & (result.maps[n].kind != Kind.FREE)).sum()) for n, t in result.state.items())
     model = build_gpt(result.cfg, one_rank(), init=grown)
-    masks = GrowthMasks.install(model, plan.steps(cfg), cfg, plan.free_values(cfg), one_rank())
+    masks = GrowthMasks.install(model, plan, cfg, one_rank())
     return before, model, masks, tokens, refilled, result.cfg
 
 
@@ -109,11 +108,7 @@ SHARDED = [  # (optimizer, tp, pp, dp, model, plan)
 def test_masked_growth_on_shards(tmp_path, optimizer, tp, pp, dp, model, ops):
     plan = {"ops": ops, "init": {"std": 0.5, "seed": 11}}
     argv = [str(tmp_path), json.dumps(model), json.dumps(plan), optimizer, str(tp), str(pp), "3"]
-    launch = ("import sys; sys.path.insert(0, 'tests'); import masked_worker; "
-              "from mgrow.train.launch import launch_local; "
-              f"sys.exit(launch_local({tp * pp * dp}, masked_worker.main, {argv!r}))")
-    done = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, timeout=240, cwd=REPO,
-                          env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    done = pool().run(tp * pp * dp, "masked_worker:main", (argv,), timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["at_zero"] <= TOL, result  # grow()'s own check, masks at m = 0, random masked entries
@@ -128,20 +123,20 @@ def test_masked_growth_on_shards(tmp_path, optimizer, tp, pp, dp, model, ops):
 def test_a_masked_event_in_mgrow_train_ramps_and_resumes_mid_ramp(tmp_path):
     """`growth: [{at_step: 3, plan, mask: {steps: 3}}]`: m 0, 1/3, 2/3 at steps 3-5, hooks gone from step 6; a
     checkpoint saved at step 4 (mid-ramp) resumes with the ramp's hooks rebuilt: the same losses as going on."""
-    from launch_utils import local_job, step_losses, write_config
+    from launch_utils import train_job, step_losses, write_config
 
     event = {"at_step": 3, "plan": {"ops": [{"hidden": {"hidden_size": 48}}, {"mlp": {"ffn_hidden_size": 128}}]},
              "mask": {"steps": 3}}
     config = write_config(tmp_path, train={"steps": 7}, checkpoint={"save": str(tmp_path / "ckpt"), "interval": 4})
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "growth": [event]}))
-    whole = local_job(tmp_path, 1, config)
+    whole = train_job(tmp_path, 1, config)
     losses = step_losses(whole)
     grew = next(r for r in whole.metrics if r.get("event") == "growth")
     assert grew["max_abs_logit_diff"] <= TOL and grew["mask_steps"] == 3, grew
     assert abs(grew["held_loss_after"] - grew["held_loss_before"]) <= TOL, grew
     masks = {r["step"]: r.get("mask") for r in whole.metrics if "loss" in r}
     assert masks == {1: None, 2: None, 3: None, 4: 0.0, 5: 1 / 3, 6: 2 / 3, 7: 1.0}, masks
-    resumed = local_job(tmp_path, 1, config, f"checkpoint.load={tmp_path / 'ckpt' / 'step_00000004'}",
+    resumed = train_job(tmp_path, 1, config, f"checkpoint.load={tmp_path / 'ckpt' / 'step_00000004'}",
                         "checkpoint.save=null")
     assert step_losses(resumed) == losses[4:], (step_losses(resumed), losses)
 
@@ -155,7 +150,7 @@ def test_a_masked_event_in_mgrow_train_ramps_and_resumes_mid_ramp(tmp_path):
      "8 is inside the mask ramp of growth[0] (steps 2..12)"),
 ])
 def test_bad_mask_settings_name_the_field(events, field, rule):
-    from mgrow.errors import ConfigError
+    from mgrow.core.errors import ConfigError
     from mgrow.train import schedule
 
     with pytest.raises(ConfigError) as caught:

@@ -1,7 +1,7 @@
 import pytest
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
+from mgrow.core.errors import ConfigError
+from mgrow.core.model_config import ModelConfig
 
 BASE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=256, max_sequence_length=32)
 
@@ -51,7 +51,7 @@ def test_layout_rules(tp, pp, field):
                                        "qk_layernorm": True, "add_bias_linear": False,
                                        "share_embeddings_and_output_weights": True, "position_embedding_type": "rope"}])
 def test_parameter_count_matches_megatron(single_rank, options):
-    from mgrow.model import build_gpt
+    from mgrow.engine.model import build_gpt
 
     cfg = ModelConfig(**BASE, **options)
     model = build_gpt(cfg, single_rank)

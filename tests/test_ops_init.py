@@ -2,11 +2,11 @@
 
 import torch
 
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import Kind
-from mgrow.ops.common import is_norm_gain
-from mgrow.plan import apply_plan
-from mgrow.verify import random_state
+from mgrow.core.parameters import is_norm_gain
+from mgrow.ops.plan import apply_plan
+from mgrow.testing.harness import random_state
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, kv_channels=8, ffn_hidden_size=16,
                   vocab_size=32, max_sequence_length=8)

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import one_rank
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import AxisMap, FreeValues, Kind, TensorMap, carry, grow_head_dim, grow_heads, grow_hidden
 from mgrow.ops import grow_layers, grow_mlp
+from mgrow.core.plan import hidden_target
 from mgrow.ops import hidden as hidden_op
-from mgrow.verify import logits, random_state, random_tokens
+from mgrow.testing.harness import random_state, random_tokens, reference_logits as logits
 
 TOL, BROKEN = 1e-5, 1e-3
 RNG = FreeValues(std=0.02, seed=11)
@@ -54,7 +55,7 @@ def test_skipping_the_k_rescale_is_caught(single_rank):
 
 def test_zero_padding_a_layernorm_model_is_caught(single_rank):
     cfg, state, tokens, before = setup(normalization="LayerNorm")
-    grown_cfg = hidden_op.grown_config(cfg, 40, "mean")
+    grown_cfg = hidden_target(cfg, 40, "mean")
     right = hidden_op._pad(state, cfg, grown_cfg, Kind.MEAN, RNG)
     assert diff(right.cfg, right.state, tokens, before) <= TOL
     wrong = hidden_op._pad(state, cfg, grown_cfg, Kind.ZERO, RNG)
@@ -88,7 +89,7 @@ def test_hidden_growth_without_the_qk_norm_compensation_is_caught(single_rank):
 
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_the_literal_qk_norm_eps_rule_would_break_the_hidden_norms(single_rank, normalization):
-    """GROWTH_MATH's eps' = eps*k/k' for the qk norms, in megatron's one shared epsilon, is not exact;
+    """The literal eps' = eps*k/k' for the qk norms, in megatron's one shared epsilon, is not exact;
     keeping eps and scaling the Q and K rows by sqrt(k'/k) is."""
     cfg, state, tokens, before = setup(qk_layernorm=True, normalization=normalization)
     result = grow_head_dim(state, cfg, 16, rng=RNG)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import one_rank
-from mgrow.model import build_gpt, global_names, position_ids
-from mgrow.model_config import ModelConfig
+from mgrow.engine.model import build_gpt, global_names, position_ids
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import apply_to_optimizer_state
-from mgrow.plan import apply_plan
-from mgrow.verify import random_state, random_tokens
+from mgrow.ops.plan import apply_plan
+from mgrow.testing.harness import random_state, random_tokens
 
 RMS = dict(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=2, kv_channels=4,
            ffn_hidden_size=24, vocab_size=40, max_sequence_length=8, normalization="RMSNorm",

@@ -10,11 +10,12 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import one_rank
-from mgrow.model import build_gpt, gather_full_tensors
-from mgrow.model_config import ModelConfig
+from mgrow.engine.model import build_gpt, gather_full_tensors
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import Kind, carry
-from mgrow.plan import OPERATORS, apply_plan, load_plan
-from mgrow.verify import logits, random_state, random_tokens
+from mgrow.core.plan import OPERATORS, load_plan
+from mgrow.ops.plan import apply_plan
+from mgrow.testing.harness import random_state, random_tokens, reference_logits as logits
 
 TOL = 1e-5
 REFILL_STD = 1.0  # 50x the plans' init std of 0.02

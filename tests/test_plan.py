@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
+from mgrow.core.errors import ConfigError
+from mgrow.core.model_config import ModelConfig
 from mgrow.ops import FreeValues, grow_heads, grow_hidden, grow_layers
-from mgrow.plan import InitSpec, apply_plan, load_plan
+from mgrow.core.plan import InitSpec, load_plan
+from mgrow.ops.plan import apply_plan
 
 REPO = Path(__file__).resolve().parents[1]
 LN = ModelConfig(num_layers=3, hidden_size=24, num_attention_heads=4, num_query_groups=2, kv_channels=8,
@@ -75,7 +76,7 @@ def test_schema_errors_name_the_field(plan, field, rule):
 def test_a_bad_op_late_in_the_plan_is_refused_before_any_tensor_changes(monkeypatch):
     state = {"w": torch.ones(2)}  # never reached: validation comes first
     calls = []
-    monkeypatch.setattr("mgrow.plan.check_state", lambda *args: calls.append(args))
+    monkeypatch.setattr("mgrow.ops.plan.check_state", lambda *args: calls.append(args))
     plan = {"ops": [{"mlp": {"ffn_hidden_size": 64}}, {"hidden": {"hidden_size": 48}},
                     {"heads": {"num_attention_heads": 5}}]}
     with pytest.raises(ConfigError) as caught:
@@ -114,7 +115,7 @@ def test_configs_follow_the_ops_in_order():
 
 
 def test_rope_head_dim_growth_keeps_the_rotary_dim():
-    from mgrow.ops.head_dim import rotary_percent_for
+    from mgrow.core.plan import rotary_percent_for
 
     cfg = LN.replace(position_embedding_type="rope", kv_channels=12, rotary_percent=0.5)
     for k2 in range(12, 200):
@@ -134,9 +135,9 @@ def test_plan_files_load_and_round_trip():
 
 def test_one_tensor_at_a_time_equals_the_whole_state(single_rank):
     """grow_one (what the sharded mover runs per parameter) gives apply_plan's tensors and maps bit for bit."""
-    from mgrow.layouts.megatron import parameter_shapes
-    from mgrow.plan import grow_one, original_source
-    from mgrow.verify import random_state
+    from mgrow.core.parameters import parameter_shapes
+    from mgrow.ops.plan import free_values, grow_one, original_source, steps as bind_steps
+    from mgrow.testing.harness import random_state
 
     cfg = ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=4, num_query_groups=2, kv_channels=4,
                       ffn_hidden_size=24, vocab_size=40, max_sequence_length=8, qk_layernorm=True)
@@ -146,7 +147,7 @@ def test_one_tensor_at_a_time_equals_the_whole_state(single_rank):
                       "init": {"std": 0.02, "seed": 9}})
     state = random_state(cfg, 3, single_rank)
     whole = apply_plan(state, cfg, plan)
-    steps, values = plan.steps(cfg), plan.free_values(cfg)
+    steps, values = bind_steps(plan, cfg), free_values(plan, cfg)
     assert list(parameter_shapes(whole.cfg)) == list(whole.state)
     new_layers = 0
     for name, expected in whole.state.items():

@@ -3,7 +3,7 @@ checkpoint, applies every growth event once, and ends with the weights and Adam 
 never interrupted, bit for bit (the data order is deterministic).
 
 The job: TP2 x DP1, DistributedOptimizer, 7 steps, grows after step 3, saves at steps 2, 4, 6 and 7 into the
-root it also loads from (restartable). Rank 1 dies by SIGKILL (mgrow.faults) during training, during the
+root it also loads from (restartable). Rank 1 dies by SIGKILL (mgrow.core.faults) during training, during the
 growth event and during a checkpoint save; each time the newest complete checkpoint is step 2's, from before
 the growth, so the restarted job grows again from there.
 """
@@ -17,7 +17,7 @@ import yaml
 from conftest import free_port
 from launch_utils import REPO, clean_env, write_config
 from mgrow.checkpoint import files
-from mgrow.faults import KILL_ENV
+from mgrow.core.faults import KILL_ENV
 
 STEPS = 7
 PLAN = {"ops": [{"mlp": {"ffn_hidden_size": 96}}, {"heads": {"num_attention_heads": 8}}]}

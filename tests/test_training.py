@@ -2,7 +2,7 @@
 
 import pytest
 
-from launch_utils import local_job, step_losses, write_config
+from launch_utils import train_job, step_losses, write_config
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -12,7 +12,7 @@ def test_same_loss_on_every_tp_pp_layout(tmp_path):
     losses = {}
     for tp, pp in LAYOUTS:
         config = write_config(tmp_path, parallel={"tp": tp, "pp": pp}, train={"steps": 3})
-        losses[(tp, pp)] = step_losses(local_job(tmp_path, tp * pp, config))
+        losses[(tp, pp)] = step_losses(train_job(tmp_path, tp * pp, config))
     reference = losses[(1, 1)]
     assert len(reference) == 3
     assert reference[2] < reference[0]  # the steps really update the model
@@ -24,14 +24,14 @@ def test_same_loss_on_every_tp_pp_layout(tmp_path):
 @pytest.fixture(scope="module")
 def adam_dp1(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adam_dp1")
-    return step_losses(local_job(tmp, 1, write_config(tmp, train={"steps": 20})))
+    return step_losses(train_job(tmp, 1, write_config(tmp, train={"steps": 20})))
 
 
 @pytest.mark.parametrize("optimizer", ["megatron", "zero1", "zero2", "zero3"])
 def test_dp2_optimizer_paths_follow_adam(tmp_path, adam_dp1, optimizer):
     """Each path trains 20 steps (loss falls) and, at DP=2, follows the DP=1 AdamW loss within 1e-4 for 5 steps."""
     config = write_config(tmp_path, optimizer={"type": optimizer}, train={"steps": 20})
-    losses = step_losses(local_job(tmp_path, 2, config))
+    losses = step_losses(train_job(tmp_path, 2, config))
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
     diff = max(abs(a - b) for a, b in zip(losses[:5], adam_dp1[:5]))
@@ -50,7 +50,7 @@ def test_layernorm_gelu_tied_learned_positions_on_tp2_pp2(tmp_path):
     losses = {}
     for tp, pp in [(1, 1), (2, 2)]:
         config = write_config(tmp_path, model=model, parallel={"tp": tp, "pp": pp}, train={"steps": 3})
-        losses[(tp, pp)] = step_losses(local_job(tmp_path, tp * pp, config))
+        losses[(tp, pp)] = step_losses(train_job(tmp_path, tp * pp, config))
     diff = max(abs(a - b) for a, b in zip(losses[(2, 2)], losses[(1, 1)]))
     assert diff <= 1e-5, losses
 

@@ -1,19 +1,17 @@
 """Cross-architecture transfer (issue 8): dense -> MoE upcycling, MHA -> GQA, freezing and the unfreeze event.
 
-References are independent of mgrow.transfer: the dense model's own logits, the source checkpoint's own
+References are independent of mgrow.transforms.transfer: the dense model's own logits, the source checkpoint's own
 tensors, and K/V means written out head by head.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, one_rank
-from launch_utils import REPO, TINY_MODEL, clean_env, local_job, write_config
+from conftest import one_rank
+from launch_utils import REPO, TINY_MODEL, train_job, write_config
+from rank_pool import pool
 
 MHA = {**TINY_MODEL, "num_query_groups": 4}
 ALL = ["embeddings", "norms", "mlp", "output_layer", "attention", "attention_output"]
@@ -34,15 +32,15 @@ def source_checkpoint(tmp_path_factory):
     """A trained dense MHA GPT: 3 AdamW steps on the corpus, one rank."""
     tmp = tmp_path_factory.mktemp("transfer_source")
     config = write_config(tmp, model=MHA, train={"steps": 3}, checkpoint={"save": str(tmp / "ckpt")})
-    result = local_job(tmp, 1, config)
+    result = train_job(tmp, 1, config)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "ckpt"
 
 
 def _load(folder, model: dict):
-    from mgrow.model import gather_full_tensors
-    from mgrow.model_config import ModelConfig
-    from mgrow.transfer.shards import load_source
+    from mgrow.engine.model import gather_full_tensors
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.transforms.transfer.shards import load_source
 
     from mgrow.checkpoint import files
 
@@ -54,9 +52,9 @@ def _load(folder, model: dict):
 @pytest.mark.parametrize("routing, exact", [({}, True), ({"moe_router_score_function": "sigmoid"}, True),
                                             ({"moe_router_pre_softmax": True}, False)])
 def test_upcycled_moe_computes_the_dense_models_logits(single_rank, routing, exact):
-    from mgrow.model import build_gpt
-    from mgrow.model_config import ModelConfig
-    from mgrow.transfer import rules, shards
+    from mgrow.engine.model import build_gpt
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.transforms.transfer import rules, shards
 
     dense = ModelConfig(**TINY_MODEL)
     moe = dense.replace(num_moe_experts=4, moe_router_topk=2, **routing)
@@ -74,9 +72,9 @@ def test_upcycled_moe_computes_the_dense_models_logits(single_rank, routing, exa
 
 
 def test_gqa_transfer_copies_shared_tensors_and_pools_kv(single_rank):
-    from mgrow.model import build_gpt, gather_full_tensors
-    from mgrow.model_config import ModelConfig
-    from mgrow.transfer import rules, shards
+    from mgrow.engine.model import build_gpt, gather_full_tensors
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.transforms.transfer import shards
 
     mha, gqa = ModelConfig(**MHA), ModelConfig(**TINY_MODEL)  # 4 query groups -> 2
     source, target, fresh = (build_gpt(mha, single_rank, seed=1), build_gpt(gqa, single_rank, seed=2),
@@ -106,10 +104,7 @@ def test_gqa_transfer_copies_shared_tensors_and_pools_kv(single_rank):
 def test_transfer_is_exact_at_tp2(tmp_path):
     """The MoE upcycling and the GQA shared-tensor copies on two TP ranks (megatron's MoE layer at TP2)."""
     out = tmp_path / "tp2.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "tests" / "transfer_worker.py"), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=REPO,
-                          env={**clean_env(), "PYTHONWARNINGS": "ignore"})
+    done = pool().run(2, "transfer_worker:main", (str(out),), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["moe"]["logit_diff"] <= 1e-5, result
@@ -119,11 +114,11 @@ def test_transfer_is_exact_at_tp2(tmp_path):
 
 
 def test_frozen_weights_do_not_move_until_unfrozen_on_the_adam_path(single_rank, source_checkpoint):
-    from mgrow import transfer
-    from mgrow.model import build_gpt, gather_full_tensors
+    from mgrow.transforms.transfer import apply as transfer
+    from mgrow.engine.model import build_gpt, gather_full_tensors
     from mgrow.train.config import from_dict
-    from mgrow.train.engines import build_engine
-    from mgrow.transfer import freeze
+    from mgrow.engine.engines import build_engine
+    from mgrow.transforms.transfer import freeze
 
     cfg = from_dict({"model": TINY_MODEL, "optimizer": {"type": "adam", "warmup_steps": 1}, "train": {"steps": 5, "seq_length": 32},
                      "data": {"path": str(REPO / "data" / "cache" / "corpus")},
@@ -156,7 +151,7 @@ def test_gqa_transfer_and_freeze_unfreeze_run_end_to_end_on_4_cpu_ranks(single_r
         checkpoint={"save": str(tmp_path / "ckpt"), "interval": 4},
         transfer={"from": str(source_checkpoint), "components": components, "unfreeze_window": 2,
                   "unfreeze_threshold": 100.0})  # any improvement is "too small": unfreeze after 2 windows
-    result = local_job(tmp_path, 4, config)
+    result = train_job(tmp_path, 4, config)
     assert result.returncode == 0, result.stderr[-4000:]
     events = {r["event"]: r for r in result.metrics if "event" in r}
     assert events["unfreeze"]["step"] == 4 and events["unfreeze"]["window"] == 2
@@ -181,9 +176,9 @@ def test_gqa_transfer_and_freeze_unfreeze_run_end_to_end_on_4_cpu_ranks(single_r
 
 
 def test_moe_models_refuse_growth_plans_and_tensor_parallel_training():
-    from mgrow.errors import ConfigError
-    from mgrow.model_config import ModelConfig
-    from mgrow.plan import load_plan
+    from mgrow.core.errors import ConfigError
+    from mgrow.core.model_config import ModelConfig
+    from mgrow.core.plan import load_plan
     from mgrow.train.config import from_dict
 
     moe = {**TINY_MODEL, "num_moe_experts": 4}

@@ -1,4 +1,5 @@
-"""`mgrow verify` as a user runs it: a subprocess with the example model and plan files."""
+"""`mgrow verify` with the example model and plan files: as one rank of the rank pool, and the refusal of an
+impossible plan as a user's subprocess."""
 
 import json
 import subprocess
@@ -7,17 +8,18 @@ from pathlib import Path
 
 import yaml
 
+from launch_utils import mgrow_job
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "configs" / "models" / "tiny.yaml"
 PLAN = REPO / "configs" / "plans" / "all_ops.yaml"
 
 
-def verify(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mgrow.cli", "verify", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+def verify(*args: str):
+    return mgrow_job(1, "verify", *args)
 
 
-def report(run: subprocess.CompletedProcess) -> dict:
+def report(run) -> dict:
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, run.stdout + run.stderr
     return json.loads(lines[0])
@@ -46,6 +48,7 @@ def test_verify_refuses_an_impossible_plan_naming_the_field(tmp_path):
     plan = tmp_path / "bad.yaml"
     ops = [{"mlp": {"ffn_hidden_size": 96}}, {"hidden": {"hidden_size": 40, "method": "replicate"}}]
     plan.write_text(yaml.safe_dump({"ops": ops}))
-    run = verify("--model", str(MODEL), "--plan", str(plan))
+    run = subprocess.run([sys.executable, "-m", "mgrow.cli", "verify", "--model", str(MODEL), "--plan", str(plan)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert "ops[1].hidden.hidden_size" in run.stderr and "integer multiple" in run.stderr

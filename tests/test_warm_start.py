@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from launch_utils import REPO
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
 
 CORPUS = str(REPO / "data" / "cache" / "corpus")
 
@@ -12,9 +12,9 @@ CORPUS = str(REPO / "data" / "cache" / "corpus")
 @pytest.mark.parametrize("kw", [dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope"),
                                 dict(normalization="LayerNorm", activation="gelu")], ids=["rmsnorm", "layernorm"])
 def test_explicit_init_starts_near_the_bigram_entropy(kw, single_rank):
-    from mgrow.data import TokenWindows, ensure_corpus
-    from mgrow.model import build_gpt
-    from mgrow.warm_start import bigram_entropy, explicit_init
+    from mgrow.train.data import TokenWindows, ensure_corpus
+    from mgrow.engine.model import build_gpt
+    from mgrow.train.warm_start import bigram_entropy, explicit_init
 
     ensure_corpus(CORPUS)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, max_sequence_length=64, **kw)

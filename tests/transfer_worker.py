@@ -21,10 +21,10 @@ def main(out: str) -> None:
     import torch.distributed as dist
 
     from launch_utils import TINY_MODEL
-    from mgrow.model import build_gpt, gather_full_tensors
-    from mgrow.model_config import ModelConfig
+    from mgrow.engine.model import build_gpt, gather_full_tensors
+    from mgrow.core.model_config import ModelConfig
     from mgrow.parallel.dims import init_distributed
-    from mgrow.transfer import rules, shards
+    from mgrow.transforms.transfer import rules, shards
 
     dims = init_distributed(2, 1, 1234, device="cpu")
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,7 @@
 """Model and optimizer of the ZeRO paths in DeepSpeed's own checkpoint format.
 
 ``engine.save_checkpoint`` writes ``<step folder>/deepspeed/`` (the module per
-TP rank and every DP rank's flat ZeRO partition, LIBRARY_FACTS.md B1-B3) with
+TP rank and every DP rank's flat ZeRO partition, docs/library_facts.md, "DeepSpeed ZeRO") with
 megatron's TP layout declared as DeepSpeed's ``universal_checkpoint_info``.
 Resuming on the layout that saved it is DeepSpeed's plain ``load_checkpoint``.
 On another TP/DP layout the checkpoint is first converted to DeepSpeed's
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mgrow.layouts import megatron as layout_table
+from mgrow.parallel import layout as layout_table
 
 TAG = "deepspeed"
 UNIVERSAL = "universal"

@@ -20,17 +20,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from mgrow.errors import ConfigError
+from mgrow.core.errors import CheckpointError, ConfigError
+from mgrow.core.model_config import ModelConfig
 
 LATEST = "latest"
 METADATA = "mgrow.json"
 FORMAT = "mgrow-checkpoint/1"
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used; ``field`` is the file (or the config field) at fault."""
+@dataclass
+class Progress:
+    """Where a run is: steps done, data stream position, growth-schedule position, LR re-warm."""
+
+    step: int = 0
+    first_step: int = 0  # the data stream reads step ``first_step`` from sample ``first_sample`` on
+    first_sample: int = 0
+    growth_applied: int = 0  # events of the config's growth schedule applied so far
+    rewarm: Optional[tuple] = None  # (start step, length) of an LR re-warm in progress
+    history: list = field(default_factory=list)  # every growth so far: {step, plan, source: schedule|offline}
+    # a masked growth's ramp in progress: {start, steps, plan, model (before the event)}; resume rebuilds its hooks
+    mask_ramp: Optional[dict] = None
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "Progress":
+        saved = metadata["progress"]
+        return cls(**{**saved, "rewarm": None if saved["rewarm"] is None else tuple(saved["rewarm"])})
 
 
 def step_name(step: int) -> str:
@@ -111,6 +129,16 @@ def read_metadata(folder: Path) -> dict:
         if actual != size:
             raise CheckpointError(str(file), f"truncated or altered: {actual} bytes, the manifest says {size}")
     return metadata
+
+
+def open_checkpoint(path: str, field: str) -> tuple[Path, dict, ModelConfig]:
+    """(step folder, metadata, model) of the checkpoint ``path`` (a root or a step folder), every file checked;
+    errors name ``field`` or the file."""
+    if not os.path.exists(path):
+        raise ConfigError(field, f"checkpoint {path} does not exist")
+    folder = resolve(path)
+    metadata = read_metadata(folder)
+    return folder, metadata, ModelConfig.from_dict(metadata["model"])
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -5,11 +5,11 @@ TP and PP reshard on load). The optimizer is megatron's own too: torch AdamW
 under DDP saves its moments per parameter in model space
 (``optim_state_to_sharding_state``); the DistributedOptimizer saves in the
 ``fully_reshardable`` format, gathered into model space on each DP group's
-rank 0 (LIBRARY_FACTS.md A3), so TP, PP and DP all reshard.
+rank 0 (docs/library_facts.md, "Checkpoints with dist_checkpointing"), so TP, PP and DP all reshard.
 
 Three megatron-core 0.16.1 bugs of the DistributedOptimizer with torch's
-AdamW are worked around here (the first two are LIBRARY_FACTS.md A3, "Non-CPU
-bugs" 1 and 2): a fresh optimizer cannot build its state dict before it has
+AdamW are worked around here (docs/library_facts.md, "Checkpoints with
+dist_checkpointing"): a fresh optimizer cannot build its state dict before it has
 state; the fully_reshardable load copies every Adam state key, ``step``
 included, from a source that leaves ``step`` out; and ``load_state_dict`` gives
 all parameters one shared ``step`` tensor, which AdamW's in-place increment

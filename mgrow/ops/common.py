@@ -9,9 +9,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
-from mgrow.ops.index_map import AxisMap, Kind, TensorMap, along, carry
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.parameters import is_norm_gain, parameter_shapes
+from mgrow.ops.index_map import AxisMap, Kind, TensorMap, along, carry, gradient_factor
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class FreeValues:
         return values + 1.0 if is_norm_gain(name) else values
 
 
-def is_norm_gain(name: str) -> bool:
-    return name.endswith("layernorm.weight")
-
-
 @dataclass(frozen=True)
 class AxisRule:
     """How one axis grows inside one operator: the axis map plus, per new index,
@@ -80,7 +76,7 @@ class AxisBuilder:
         n = len(src)
         self._src.append(src)
         self._scale.append(torch.full((n,), float(scale), dtype=torch.float64, device="cpu"))
-        grad = 1.0 / scale if grad_scale is None else float(grad_scale)
+        grad = gradient_factor(scale) if grad_scale is None else float(grad_scale)
         self._grad.append(torch.full((n,), grad, dtype=torch.float64, device="cpu"))
         self._kind.append(torch.full((n,), int(Kind.OLD), dtype=torch.uint8, device="cpu"))
         return self
@@ -163,8 +159,6 @@ class SuffixRules(OpStep):
 
 def apply_step(step: OpStep, state: dict[str, torch.Tensor], values: FreeValues, op: str) -> GrowthResult:
     """Run ``step`` over a whole full state dict."""
-    from mgrow.layouts.megatron import parameter_shapes
-
     check_state(state, step.cfg, op)
     grown_state, maps = {}, {}
     for name, shape in parameter_shapes(step.grown).items():
@@ -178,22 +172,6 @@ def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, op: str) -> No
     numel = sum(t.numel() for t in state.values())
     if numel != cfg.num_parameters():
         raise ValueError(f"{op}: the state dict holds {numel} parameters, the model config {cfg.num_parameters()}")
-
-
-def replace_config(cfg: ModelConfig, op: str, field: str, **changes) -> ModelConfig:
-    """``cfg.replace`` with a model-rule failure reported against the op's field."""
-    try:
-        return cfg.replace(**changes)
-    except ConfigError as error:
-        raise ConfigError(f"{op}.{field}", error.rule) from None
-
-
-def require_int(op: str, field: str, value, minimum: int, why: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{op}.{field}", f"must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{op}.{field}", f"must be >= {minimum} ({why}), got {value}")
-    return value
 
 
 def _rule_for(name: str, rules: dict[str, dict[int, AxisRule]]) -> Optional[dict[int, AxisRule]]:

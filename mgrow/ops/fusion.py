@@ -1,6 +1,6 @@
 """Deep Fusion (Mazzawi et al. 2024) on full megatron-core GPT state dicts: two models of one config -> one wider model.
 
-Notation of GROWTH_MATH.md: A and B have hidden h, E query heads in G groups
+Notation of docs/growth_math.md: A and B have hidden h, E query heads in G groups
 of head dim k, MLP width p, N layers, vocab V. The fused model F has hidden
 2h, 2E heads in 2G groups of the same head dim k, MLP width 2p, N layers.
 Its residual stream is the concatenation x_F = [x_A; x_B]:
@@ -33,7 +33,7 @@ same Q, K, V rows as A's head, with the same k and scale, so it outputs the
 same o; blockdiag(P, P) [o; o] = [P o; P o] writes each copy exactly what A
 writes, and the same holds for the MLP. No halving of W_O / fc2 is needed:
 a duplicated head writes only into its own copy of the residual. (The dense
-replication of GROWTH_MATH.md section 5 makes every head read both copies and
+replication of docs/growth_math.md, section 5, makes every head read both copies and
 halves the readers instead; block-diagonal weights keep A and B apart, which
 is what makes F(A, B) an ensemble.) The output layer [W/2 | W/2] [n; n] = W n.
 
@@ -52,25 +52,11 @@ from __future__ import annotations
 
 import torch
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import fused_config
+from mgrow.ops.index_map import gradient_factor, moment_factor
 
 _RESIDUAL_NORMS = ("input_layernorm.", "pre_mlp_layernorm.", "final_layernorm.")
-
-
-def fused_config(a: ModelConfig, b: ModelConfig, field: str = "--b") -> ModelConfig:
-    """F's dimensions; refuses two models whose configs differ (``field`` names the second one)."""
-    for key, value in a.to_dict().items():
-        if getattr(b, key) != value:
-            raise ConfigError(f"{field}: model.{key}", f"fusion needs two models of one config: {getattr(b, key)!r} "
-                                                       f"here, {value!r} in the first model")
-    return a.replace(
-        hidden_size=2 * a.hidden_size,
-        num_attention_heads=2 * a.num_attention_heads,
-        num_query_groups=2 * a.num_query_groups,
-        kv_channels=a.kv_channels,
-        ffn_hidden_size=2 * a.ffn_hidden_size,
-    )
 
 
 def fuse_tensor(name: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -79,9 +65,9 @@ def fuse_tensor(name: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig) -
 
 
 def fuse_moment(name: str, a: torch.Tensor, b: torch.Tensor, cfg: ModelConfig, power: int) -> torch.Tensor:
-    """F's Adam moment (``power`` 1: exp_avg, 2: exp_avg_sq) of ``name``: the weight's structure, and a
-    weight scaled by c has its gradient scaled by 1/c, so m by 1/c and v by 1/c^2 (GROWTH_MATH.md)."""
-    return _structure(name, a, b, cfg) * _scale(name, cfg) ** (-power)
+    """F's Adam moment (``power`` 1: exp_avg, 2: exp_avg_sq) of ``name``: the weight's structure, with the
+    growth operators' moment rule for a weight scaled by c (:func:`mgrow.ops.index_map.gradient_factor`)."""
+    return _structure(name, a, b, cfg) * moment_factor(gradient_factor(_scale(name, cfg)), power)
 
 
 def _scale(name: str, cfg: ModelConfig) -> float:

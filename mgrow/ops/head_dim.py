@@ -1,4 +1,4 @@
-"""Head dim k -> k' for Q, K and V together (GROWTH_MATH.md sections 3 and 4).
+"""Head dim k -> k' for Q, K and V together (docs/growth_math.md, sections 3 and 4).
 
 Megatron ties the query, key and value widths to one ``kv_channels``. Every
 head's k rows of linear_qkv get k' - k new rows after them:
@@ -12,7 +12,7 @@ head's k rows of linear_qkv get k' - k new rows after them:
   after the old k, so they are never rotated; ``rotary_percent`` shrinks so the
   rotary dim stays the same.
 
-qk_layernorm (norms over each head's k dims). GROWTH_MATH gives both qk norms
+qk_layernorm (norms over each head's k dims). A literal reading gives both qk norms
 eps' = eps * k/k'; megatron-core builds them with the config's one
 ``layernorm_epsilon``, shared with the hidden norms, which must keep theirs.
 So eps stays, and instead the old Q and K rows (and biases) are multiplied by
@@ -33,35 +33,20 @@ import math
 
 import torch
 
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import head_dim_target
 from mgrow.ops.common import (
     AxisBuilder,
     FreeValues,
     GrowthResult,
     SuffixRules,
     apply_step,
-    replace_config,
-    require_int,
 )
 from mgrow.ops.index_map import Kind
 
 OP = "head_dim"
 
 
-def grown_config(cfg: ModelConfig, kv_channels: int) -> ModelConfig:
-    k2 = require_int(OP, "kv_channels", kv_channels, cfg.kv_channels, "the head dim cannot shrink")
-    changes = {"kv_channels": k2}
-    if cfg.position_embedding_type == "rope":
-        changes["rotary_percent"] = rotary_percent_for(cfg.rotary_dim, k2)
-    return replace_config(cfg, OP, "kv_channels", **changes)
-
-
-def rotary_percent_for(rotary_dim: int, kv_channels: int) -> float:
-    """The rotary_percent whose megatron rotary dim, ``int(kv_channels * rotary_percent)``, is ``rotary_dim``."""
-    percent = rotary_dim / kv_channels
-    while int(kv_channels * percent) < rotary_dim:  # a quotient rounded down would lose a dim in int()
-        percent = math.nextafter(percent, math.inf)
-    return percent
 
 
 def grow_head_dim(
@@ -71,7 +56,7 @@ def grow_head_dim(
 
 
 def step(cfg: ModelConfig, kv_channels: int) -> SuffixRules:
-    grown = grown_config(cfg, kv_channels)
+    grown = head_dim_target(cfg, kv_channels)
     k, k2 = cfg.kv_channels, grown.kv_channels
     added = k2 - k
     s = math.sqrt(k2 / k)

@@ -1,4 +1,4 @@
-"""Add attention heads E -> E', query groups G -> G' (GROWTH_MATH.md section 2).
+"""Add attention heads E -> E', query groups G -> G' (docs/growth_math.md, section 2).
 
 linear_qkv rows are interleaved by query group: per group [its n = E/G query
 heads, K, V], k rows each. Old group g keeps its n heads and gets n' - n free
@@ -16,40 +16,20 @@ from typing import Optional
 
 import torch
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import heads_target
 from mgrow.ops.common import (
     AxisBuilder,
     FreeValues,
     GrowthResult,
     SuffixRules,
     apply_step,
-    replace_config,
-    require_int,
 )
 from mgrow.ops.index_map import Kind
 
 OP = "heads"
 
 
-def grown_config(cfg: ModelConfig, num_attention_heads: int, num_query_groups: Optional[int] = None) -> ModelConfig:
-    E, G = cfg.num_attention_heads, cfg.num_query_groups
-    E2 = require_int(OP, "num_attention_heads", num_attention_heads, E, "heads cannot be removed")
-    if num_query_groups is None:
-        field = "num_attention_heads"
-        G2 = E2 if G == E else G
-    else:
-        field = "num_query_groups"
-        G2 = require_int(OP, field, num_query_groups, G, "query groups cannot be removed")
-    if E2 % G2:
-        raise ConfigError(f"{OP}.{field}", f"num_attention_heads ({E2}) must be divisible by num_query_groups ({G2})")
-    if E2 // G2 < E // G:
-        raise ConfigError(
-            f"{OP}.{field}",
-            f"{E2} heads in {G2} groups is {E2 // G2} query heads per group, fewer than the {E // G} "
-            "each old group already has",
-        )
-    return replace_config(cfg, OP, field, num_attention_heads=E2, num_query_groups=G2)
 
 
 def grow_heads(
@@ -64,7 +44,7 @@ def grow_heads(
 
 
 def step(cfg: ModelConfig, num_attention_heads: int, num_query_groups: Optional[int] = None) -> SuffixRules:
-    grown = grown_config(cfg, num_attention_heads, num_query_groups)
+    grown = heads_target(cfg, num_attention_heads, num_query_groups)
     k = cfg.kv_channels
     G, n = cfg.num_query_groups, cfg.heads_per_group
     G2, n2 = grown.num_query_groups, grown.heads_per_group

@@ -1,4 +1,4 @@
-"""Hidden width h -> h' (GROWTH_MATH.md section 5).
+"""Hidden width h -> h' (docs/growth_math.md, section 5).
 
 Writers of the residual stream (embeddings, linear_proj, linear_fc2 and their
 biases) get new rows (embeddings: columns); readers (linear_qkv, linear_fc1,
@@ -34,8 +34,8 @@ import math
 
 import torch
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import hidden_target
 from mgrow.ops.common import (
     AxisBuilder,
     AxisRule,
@@ -43,13 +43,10 @@ from mgrow.ops.common import (
     GrowthResult,
     SuffixRules,
     apply_step,
-    replace_config,
-    require_int,
 )
 from mgrow.ops.index_map import Kind
 
 OP = "hidden"
-METHODS = ("auto", "zero", "mean", "replicate")
 WRITERS = {  # name suffix -> the hidden axis
     "embedding.word_embeddings.weight": 1,
     "embedding.position_embeddings.weight": 1,
@@ -62,26 +59,6 @@ READERS = ("self_attention.linear_qkv.weight", "mlp.linear_fc1.weight", "output_
 NORMS = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
 
 
-def grown_config(cfg: ModelConfig, hidden_size: int, method: str = "auto") -> ModelConfig:
-    h = cfg.hidden_size
-    h2 = require_int(OP, "hidden_size", hidden_size, h, "the hidden width cannot shrink")
-    if method not in METHODS:
-        raise ConfigError(f"{OP}.method", f"must be one of {' | '.join(METHODS)}, got {method!r}")
-    if method == "zero" and cfg.normalization == "LayerNorm":
-        raise ConfigError(
-            f"{OP}.method",
-            "zero padding is not function preserving with LayerNorm (it moves the mean); use mean or auto",
-        )
-    if method == "mean" and cfg.normalization == "RMSNorm":
-        raise ConfigError(
-            f"{OP}.method",
-            "mean padding is not function preserving with RMSNorm (it changes the mean square); use zero or auto",
-        )
-    if method == "replicate":
-        if h2 % h:
-            raise ConfigError(f"{OP}.hidden_size", f"replicate needs an integer multiple of {h}, got {h2}")
-        return replace_config(cfg, OP, "hidden_size", hidden_size=h2)
-    return replace_config(cfg, OP, "hidden_size", hidden_size=h2, layernorm_epsilon=cfg.layernorm_epsilon * h / h2)
 
 
 def grow_hidden(
@@ -91,7 +68,7 @@ def grow_hidden(
 
 
 def step(cfg: ModelConfig, hidden_size: int, method: str = "auto") -> SuffixRules:
-    grown = grown_config(cfg, hidden_size, method)
+    grown = hidden_target(cfg, hidden_size, method)
     if method == "replicate":
         return _replicate_rules(cfg, grown)
     return _pad_rules(cfg, grown, Kind.MEAN if cfg.normalization == "LayerNorm" else Kind.ZERO)

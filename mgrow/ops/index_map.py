@@ -22,7 +22,7 @@ Optimizer state follows ``grad_scale``, the factor by which the gradient of a
 copied entry changes at the growth point: ``exp_avg * g`` and
 ``exp_avg_sq * g**2``, new entries 0. For an entry whose weight was multiplied
 by c and whose use was compensated by 1/c (K rescale, norm gains, qk-norm
-inputs) g = 1/c, GROWTH_MATH's rule m/c, v/c^2. Hidden replication is the
+inputs) g = 1/c, the rule m/c, v/c^2 of docs/growth_math.md. Hidden replication is the
 exception: a reader's column copy is divided by m but sees the same input and
 the same output gradient, so its gradient is unchanged (g = 1), while every
 residual coordinate copy gets 1/m of the old gradient, so writers' rows and
@@ -144,9 +144,20 @@ def apply_to_optimizer_state(
     return carry_moment(tmap, exp_avg, 1), carry_moment(tmap, exp_avg_sq, 2)
 
 
+def gradient_factor(weight_scale: float) -> float:
+    """The factor by which an entry's gradient changes when its weight is multiplied by c and its use is
+    compensated by 1/c (the rule every operator and fusion follow, unless an axis states its own): 1/c."""
+    return 1.0 / weight_scale
+
+
+def moment_factor(gradient_scale, power: int):
+    """Adam's moment ``power`` (1: exp_avg, 2: exp_avg_sq) of an entry whose gradient is multiplied by g: g**power."""
+    return gradient_scale**power
+
+
 def carry_moment(tmap: TensorMap, moment: Optional[torch.Tensor], power: int) -> torch.Tensor:
     """One Adam moment for the grown tensor: ``moment * g**power`` on copied entries, 0 on new ones."""
-    return _carry(tmap, moment, [axis.grad_scale**power for axis in tmap.axes])
+    return _carry(tmap, moment, [moment_factor(axis.grad_scale, power) for axis in tmap.axes])
 
 
 def _carry(tmap: TensorMap, old: Optional[torch.Tensor], factors: list[torch.Tensor]) -> torch.Tensor:

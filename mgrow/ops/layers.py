@@ -1,4 +1,4 @@
-"""Add layers N -> N' (GROWTH_MATH.md section 6).
+"""Add layers N -> N' (docs/growth_math.md, section 6).
 
 A new layer's weights are free except linear_proj and linear_fc2 (weights and
 biases), which are zero: both of its blocks then add nothing to the residual
@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from mgrow.errors import ConfigError
-from mgrow.layouts.megatron import layer_index, renumber
-from mgrow.model_config import ModelConfig
-from mgrow.ops.common import FreeValues, GrowthResult, OpStep, apply_step, replace_config, require_int
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.parameters import layer_index, renumber
+from mgrow.core.plan import layer_order, layers_target
+from mgrow.ops.common import FreeValues, GrowthResult, OpStep, apply_step
 from mgrow.ops.index_map import Kind, TensorMap
 
 OP = "layers"
@@ -33,34 +33,8 @@ ZERO_IN_NEW_LAYER = (
 )
 
 
-def grown_config(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None) -> ModelConfig:
-    return replace_config(cfg, OP, "num_layers", num_layers=len(layer_order(cfg, insert_before, num_layers)))
 
 
-def layer_order(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None) -> list:
-    """For each layer of the grown model, the old layer index it is, or None for a new layer."""
-    N = cfg.num_layers
-    if isinstance(insert_before, (str, bytes)) or not isinstance(insert_before, Sequence):
-        raise ConfigError(f"{OP}.insert_before", f"must be a list of layer indices, got {insert_before!r}")
-    for position, index in enumerate(insert_before):
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= N:
-            raise ConfigError(
-                f"{OP}.insert_before",
-                f"entry {position} ({index!r}) must be a layer index in 0..{N} (the model has {N} layers; {N} appends)",
-            )
-    if num_layers is None and not insert_before:
-        raise ConfigError(f"{OP}.insert_before", "give insert_before (a non-empty list) or num_layers")
-    inserted = N + len(insert_before)
-    if num_layers is None:
-        total = inserted
-    else:
-        total = require_int(OP, "num_layers", num_layers, inserted, f"{N} layers plus {len(insert_before)} inserted")
-    order: list = []
-    for old in range(N + 1):
-        order.extend([None] * list(insert_before).count(old))
-        if old < N:
-            order.append(old)
-    return order + [None] * (total - inserted)
 
 
 def grow_layers(
@@ -75,7 +49,7 @@ def grow_layers(
 
 
 def step(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None) -> "LayerInsert":
-    return LayerInsert(cfg, grown_config(cfg, insert_before, num_layers), tuple(layer_order(cfg, insert_before, num_layers)))
+    return LayerInsert(cfg, layers_target(cfg, insert_before, num_layers), tuple(layer_order(cfg, insert_before, num_layers)))
 
 
 @dataclass(frozen=True)

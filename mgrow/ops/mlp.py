@@ -1,4 +1,4 @@
-"""MLP width p -> p' (GROWTH_MATH.md section 1).
+"""MLP width p -> p' (docs/growth_math.md, section 1).
 
 fc1 ([p, h], gated [2p, h] = [gate; up]) gets free new rows, inserted into
 each half; its bias free new entries. fc2 ([h, p]) gets zero new columns, so
@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from mgrow.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import mlp_target
 from mgrow.ops.common import (
     AxisBuilder,
     FreeValues,
     GrowthResult,
     SuffixRules,
     apply_step,
-    replace_config,
-    require_int,
 )
 from mgrow.ops.index_map import Kind
 
 OP = "mlp"
 
 
-def grown_config(cfg: ModelConfig, ffn_hidden_size: int) -> ModelConfig:
-    require_int(OP, "ffn_hidden_size", ffn_hidden_size, cfg.ffn_hidden_size, "the MLP cannot shrink")
-    return replace_config(cfg, OP, "ffn_hidden_size", ffn_hidden_size=ffn_hidden_size)
 
 
 def grow_mlp(
@@ -36,7 +32,7 @@ def grow_mlp(
 
 
 def step(cfg: ModelConfig, ffn_hidden_size: int) -> SuffixRules:
-    grown = grown_config(cfg, ffn_hidden_size)
+    grown = mlp_target(cfg, ffn_hidden_size)
     p, added = cfg.ffn_hidden_size, grown.ffn_hidden_size - cfg.ffn_hidden_size
     halves = 2 if cfg.gated_linear_unit else 1
     fc1 = AxisBuilder()

@@ -1,7 +1,7 @@
 """Run megatron-core 0.16 on CPU ranks (gloo): applied on every rank whose device is the CPU.
 
-megatron-core hard-codes CUDA in a handful of places (LIBRARY_FACTS.md A3,
-"CPU blockers"). Rather than patch torch globally, each affected megatron
+megatron-core hard-codes CUDA in a handful of places (docs/library_facts.md, "CPU
+ranks"). Rather than patch torch globally, each affected megatron
 module gets its own ``torch`` name rebound to :class:`_CpuTorch`, a thin proxy
 that forwards everything to torch except:
 
@@ -27,6 +27,11 @@ Three calls are not module-level and get scoped wrappers instead:
   used by the ``fully_reshardable`` checkpoint format) and while the tied
   output layer of the last pipeline stage is synchronised
   (``LanguageModule.setup_embeddings_and_output_layer``, language_module.py:244).
+
+And DeepSpeed: its CPU accelerator JIT-compiles (about a minute on two cores, once
+per checkout) and loads in every rank a shared-memory all-reduce for inference
+(``deepspeed_shm_comm``, ``deepspeed.comm.torch.build_shm_op``); training never calls it,
+so it is marked as not available on CPU ranks.
 
 Nothing is applied on a CUDA rank (:mod:`mgrow.parallel.dims` decides), and megatron's files are
 never edited.
@@ -173,12 +178,20 @@ def define_missing_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def skip_deepspeed_shm_comm() -> None:
+    """DeepSpeed builds its CPU inference all-reduce only where ``deepspeed.ops.__compatible_ops__`` says it can."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def apply() -> bool:
     """Install the CPU shims once (a CPU rank); returns True."""
     global _applied
     define_missing_te_gemm()
     if _applied:
         return True
+    skip_deepspeed_shm_comm()
     proxy = _CpuTorch()
     for module_name in PATCHED_MODULES:
         importlib.import_module(module_name).torch = proxy

@@ -1,4 +1,5 @@
-"""The one device decision of a rank: which device its tensors live on and which backend its collectives use.
+"""The decisions about a rank that need no process group: the job's degrees (``check_world``), and which
+device the rank's tensors live on and which backend its collectives use.
 
 ``parallel.device``: ``auto`` (CUDA when torch sees a GPU, else CPU) | ``cpu`` | ``cuda``.
 ``parallel.backend``: ``auto`` (NCCL on CUDA, gloo on CPU) | ``nccl`` | ``gloo``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mgrow.errors import ConfigError
+from mgrow.core.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -90,3 +91,15 @@ def prepare_process(choice: DeviceChoice) -> None:
             from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
             set_accelerator(CPU_Accelerator())
+
+
+def check_world(tp: int, pp: int, world: int) -> int:
+    """dp = world / (tp*pp); refuse sizes that do not divide."""
+    for name, value in (("parallel.tp", tp), ("parallel.pp", pp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(name, f"must be a positive integer, got {value!r}")
+    if world % (tp * pp):
+        raise ConfigError(
+            "parallel", f"tp*pp = {tp}*{pp} = {tp * pp} must divide the world size {world}"
+        )
+    return world // (tp * pp)

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mgrow.errors import ConfigError
+from mgrow.core.defaults import DEFAULT_SEED
+from mgrow.core.errors import ConfigError
+from mgrow.parallel import cpu_shims, gloo_cuda
 from mgrow.parallel import device as device_choice
 
 
@@ -93,19 +95,7 @@ class ParallelDims:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "device": str(self.device), "backend": self.backend}
 
 
-def check_world(tp: int, pp: int, world: int) -> int:
-    """dp = world / (tp*pp); refuse sizes that do not divide."""
-    for name, value in (("parallel.tp", tp), ("parallel.pp", pp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(name, f"must be a positive integer, got {value!r}")
-    if world % (tp * pp):
-        raise ConfigError(
-            "parallel", f"tp*pp = {tp}*{pp} = {tp * pp} must divide the world size {world}"
-        )
-    return world // (tp * pp)
-
-
-def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_s: float = 600, device: str = "auto",
+def init_distributed(tp: int, pp: int, seed: int = DEFAULT_SEED, timeout_s: float = 600, device: str = "auto",
                      backend: str = "auto") -> ParallelDims:
     """Join the job started by torchrun / the deepspeed launcher / mgrow and build megatron's groups.
 
@@ -114,10 +104,8 @@ def init_distributed(tp: int, pp: int, seed: int = 1234, timeout_s: float = 600,
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from mgrow.parallel import cpu_shims, gloo_cuda
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_world(tp, pp, world)
+    device_choice.check_world(tp, pp, world)
     choice = device_choice.resolve(device, backend)
     device_choice.prepare_process(choice)
     if not dist.is_initialized():
@@ -165,7 +153,7 @@ def _restart_store(restart: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"mgrow/attempt_{restart}", store)
 
 
-def init_single_process(seed: int = 1234, device: str = "auto", backend: str = "auto") -> ParallelDims:
+def init_single_process(seed: int = DEFAULT_SEED, device: str = "auto", backend: str = "auto") -> ParallelDims:
     """This process as a world of one rank (TP=1, PP=1) on a free loopback port."""
     if not dist.is_initialized():
         with socket.socket() as s:

@@ -23,6 +23,7 @@ without any of this.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import types
 
 import torch
@@ -121,8 +122,8 @@ def apply() -> None:
 
     p2p_communication.torch = _StagedTorch(p2p_communication.torch)
     param_and_grad_buffer._coalescing_manager = _one_by_one
-    try:
-        from deepspeed.comm import torch as ds_torch
+    try:  # deepspeed.comm's own name ``torch`` is torch itself: import the submodule by its full name
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
     except ImportError:  # DeepSpeed is only needed on the ZeRO paths
         pass
     else:

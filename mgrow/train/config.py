@@ -14,14 +14,16 @@ from typing import Any, Optional
 
 import yaml
 
-from mgrow.data import DEFAULT_SOURCES
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
+from mgrow.core.defaults import DEFAULT_SEED
+from mgrow.core.errors import ConfigError
+from mgrow.core.model_config import ModelConfig
 from mgrow.parallel import device
+from mgrow.parallel.device import check_world
 from mgrow.train import schedule
+from mgrow.train.data import DEFAULT_SOURCES, check_corpus
 from mgrow.train.metrics import WANDB_MODES, WandbConfig
-from mgrow.transfer import config as transfer_config
-from mgrow.transfer.config import TransferConfig
+from mgrow.transforms.transfer import config as transfer_config
+from mgrow.transforms.transfer.config import TransferConfig
 
 OPTIMIZERS = ("adam", "megatron", "zero1", "zero2", "zero3")
 
@@ -59,7 +61,7 @@ class TrainLoopConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 16
     seq_length: int = 64
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate only at the end
     eval_batches: int = 2
@@ -93,7 +95,7 @@ class TrainConfig:
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
     growth: tuple = ()  # GrowthEvent, in order (mgrow.train.schedule)
     wandb: Optional[WandbConfig] = None  # None: no W&B run
-    transfer: Optional[TransferConfig] = None  # None: no cross-architecture transfer (mgrow.transfer)
+    transfer: Optional[TransferConfig] = None  # None: no cross-architecture transfer (mgrow.transforms.transfer)
 
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
@@ -107,8 +109,6 @@ class TrainConfig:
 
     def check_world(self, world: int) -> int:
         """Layout rules that need the world size; returns dp."""
-        from mgrow.parallel.dims import check_world
-
         dp = check_world(self.parallel.tp, self.parallel.pp, world)
         t, o = self.train, self.optimizer
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -215,8 +215,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError("parallel.tp", f"MoE models train at tp = 1 here (megatron-core needs sequence "
                                          f"parallelism for MoE with tensor parallelism); got {cfg.parallel.tp}")
     if not cfg.data.sources:
-        from mgrow.data import check_corpus
-
         check_corpus(cfg.data.path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -9,16 +10,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mgrow import faults, transfer
-from mgrow.data import TokenWindows, ensure_corpus
-from mgrow.errors import ConfigError
-from mgrow.growth.masks import GrowthMasks, MaskRamp
-from mgrow.model import build_gpt
+from mgrow.checkpoint.state import Progress, load, save
+from mgrow.core import faults, memory
+from mgrow.core.errors import ConfigError
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import load_plan
+from mgrow.engine.engines import build_engine, global_mean_loss
+from mgrow.engine.model import build_gpt
 from mgrow.parallel.dims import ParallelDims, init_distributed
 from mgrow.train.config import TrainConfig
-from mgrow.train.engines import build_engine, global_mean_loss
+from mgrow.train.data import TokenWindows, ensure_corpus
 from mgrow.train.metrics import RunLog
-from mgrow.transfer.freeze import rule_for_run
+from mgrow.train.resume import find_resume
+from mgrow.train.schedule import with_batch
+from mgrow.train.warm_start import explicit_init
+from mgrow.transforms.grow import grow
+from mgrow.transforms.masks import GrowthMasks, MaskRamp
+from mgrow.transforms.transfer import apply as transfer
+from mgrow.transforms.transfer.freeze import rule_for_run
 
 
 @dataclass
@@ -58,17 +67,15 @@ class Batches:
 
 
 def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> TrainResult:
-    from mgrow import checkpoint
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_world(world)  # refuse before any process group exists
-    resume = _find_resume(cfg)  # a bad checkpoint is refused here too, on every rank
+    resume = find_resume(cfg)  # a bad checkpoint is refused here too, on every rank
     if cfg.data.sources:
         ensure_corpus(cfg.data.path, cfg.data.sources)
     p = cfg.parallel
     dims = dims or init_distributed(p.tp, p.pp, cfg.train.seed, timeout_s=60 * p.timeout_minutes, device=p.device,
                                     backend=p.backend)
-    progress = checkpoint.Progress() if resume is None else resume.progress
+    progress = Progress() if resume is None else resume.progress
     if resume is not None:
         cfg = resume.cfg
     t = cfg.train
@@ -82,15 +89,13 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
                else RunLog(None, None, {}))
     init = None
     if t.init == "explicit" and resume is None:
-        from mgrow.warm_start import explicit_init
-
         init = explicit_init(cfg.model, t.seed, cfg.data.path, dims)
     model = build_gpt(cfg.model, dims, seed=t.seed, init=init)
     transferred = None if cfg.transfer is None else transfer.prepare(
         model, cfg, resume is not None, valid_batches(0)[0][:, :-1].contiguous(), dims)
     engine = build_engine(model, cfg, dims)
     if resume is not None:
-        checkpoint.load(engine, resume)
+        load(engine, resume.folder, resume.metadata)
     unfreeze_rule = rule_for_run(engine, cfg)
     if leader:
         log(
@@ -183,7 +188,7 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | validation loss {eval_loss:.4f}")
         if _save_due(cfg, step + 1):
-            folder = checkpoint.save(engine, cfg, progress, cfg.checkpoint.save)
+            folder = save(engine, cfg, progress, cfg.checkpoint.save)
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | saved {folder}")
             window_start = time.perf_counter()
@@ -192,20 +197,6 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
     metrics.close()
     return result
 
-
-def _find_resume(cfg: TrainConfig):
-    """The checkpoint to resume from (checked against ``cfg``), or None to start fresh."""
-    from mgrow import checkpoint
-    from mgrow.checkpoint import files
-
-    path = cfg.checkpoint.load
-    if path is None:
-        return None
-    if not os.path.exists(path) and path != cfg.checkpoint.save:
-        raise checkpoint.CheckpointError("checkpoint.load", f"{path} does not exist")
-    if not files.is_step_folder(path) and not files.has_checkpoint(path):
-        return None  # like Megatron-LM's --load: a checkpoint root with nothing in it yet starts a fresh run
-    return checkpoint.open_for_resume(path, cfg)
 
 
 def _save_due(cfg: TrainConfig, steps_done: int) -> bool:
@@ -220,23 +211,14 @@ def _resume_mask_ramp(engine, saved):
     model before it; the masked weights themselves are in the checkpoint."""
     if saved is None:
         return None
-    from mgrow.model_config import ModelConfig
-    from mgrow.plan import load_plan
-
     plan, old = load_plan(saved["plan"]), ModelConfig.from_dict(saved["model"])
-    masks = GrowthMasks.install(engine.module, plan.steps(old), old, plan.free_values(old), engine.dims)
+    masks = GrowthMasks.install(engine.module, plan, old, engine.dims)
     return MaskRamp(masks, saved["start"], saved["steps"])
 
 
 def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int, tokens: int):
     """Apply one growth event; (new engine, new config, the event's metrics record, the mask hooks of a
     masked event at m = 0 or None)."""
-    import dataclasses
-
-    from mgrow import rss
-    from mgrow.growth import grow
-    from mgrow.train.schedule import with_batch
-
     dims = engine.dims
     before = global_mean_loss(engine.eval_step(held), dims)
     event_cfg = dataclasses.replace(cfg, train=with_batch(cfg.train, event))
@@ -246,7 +228,7 @@ def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int
     record = dict(event="growth", step=step, tokens=tokens, plan=report.plan, params_before=report.params_before,
                   params_after=report.params_after, max_abs_logit_diff=report.max_abs_logit_diff,
                   held_loss_before=before, held_loss_after=after, growth_seconds=report.growth_seconds,
-                  peak_rss_bytes=rss.peak_process(), peak_device_bytes=report.peak_device_bytes,
+                  peak_rss_bytes=memory.rss_peak_process(), peak_device_bytes=report.peak_device_bytes,
                   optimizer_state=event.optimizer_state,
                   global_batch_size=new_cfg.train.global_batch_size,
                   **({"mask_steps": event.mask.steps} if event.mask is not None else {}))

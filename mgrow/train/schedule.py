@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from mgrow.errors import ConfigError
-from mgrow.model_config import ModelConfig
-
-if TYPE_CHECKING:
-    from mgrow.plan import Plan
+from mgrow.core.errors import ConfigError
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.plan import Plan, load_plan
 
 OPTIMIZER_STATES = ("keep", "reset")
+_MASK_KEYS = ("steps",)
 _KEYS = ("at_step", "at_tokens", "plan", "lr_warmup_steps", "optimizer_state", "micro_batch_size",
          "global_batch_size", "mask")
 
@@ -41,7 +40,7 @@ class GrowthEvent:
     optimizer_state: str = "keep"
     micro_batch_size: Optional[int] = None
     global_batch_size: Optional[int] = None
-    mask: Optional[Any] = None  # a mgrow.growth.masks.MaskSpec: masked growth, m ramps 0 -> 1 over mask.steps
+    mask: Optional["MaskSpec"] = None  # masked growth (mgrow.transforms.masks): m ramps 0 -> 1 over mask.steps
 
     def due(self, steps_done: int, tokens_done: int) -> bool:
         if self.at_step is not None:
@@ -98,8 +97,6 @@ def _parse_event(where: str, entry: Any) -> GrowthEvent:
     _positive(f"{where}.{trigger}", entry[trigger], minimum=1)
     if "plan" not in entry:
         raise ConfigError(f"{where}.plan", "required: a plan mapping or the path of a plan YAML")
-    from mgrow.plan import load_plan  # the operators' module imports torch: only a config with growth events needs it
-
     try:
         plan = load_plan(entry["plan"])
     except ConfigError as error:
@@ -115,12 +112,32 @@ def _parse_event(where: str, entry: Any) -> GrowthEvent:
             _positive(f"{where}.{key}", entry[key], minimum=1)
     mask = None
     if "mask" in entry:
-        from mgrow.growth.masks import parse_mask
-
         mask = parse_mask(f"{where}.mask", entry["mask"])
     return GrowthEvent(plan=plan, at_step=entry.get("at_step"), at_tokens=entry.get("at_tokens"), mask=mask,
                        lr_warmup_steps=warmup, optimizer_state=state, micro_batch_size=entry.get("micro_batch_size"),
                        global_batch_size=entry.get("global_batch_size"))
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    steps: int  # K: m = min(1, (step - grow_step) / K)
+
+
+def parse_mask(where: str, raw: Any) -> Optional[MaskSpec]:
+    """A growth event's ``mask`` mapping (``where`` is its field, e.g. ``growth[0].mask``)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"must be a mapping like {{steps: 100}}, got {raw!r}")
+    for key in raw:
+        if key not in _MASK_KEYS:
+            raise ConfigError(f"{where}.{key}", f"unknown key; mask takes {', '.join(_MASK_KEYS)}")
+    if "steps" not in raw:
+        raise ConfigError(f"{where}.steps", "required: the number of steps over which the mask ramps from 0 to 1")
+    steps = raw["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"{where}.steps", f"must be an integer >= 1, got {steps!r}")
+    return MaskSpec(steps)
 
 
 def with_batch(train, event: GrowthEvent):

@@ -1,0 +1,96 @@
+"""Whole training state on disk: save and load on any TP/PP/DP layout.
+
+A checkpoint holds the model and optimizer in the framework's own format
+(megatron ``dist_checkpointing`` on the Megatron paths, DeepSpeed's on the ZeRO
+paths), plus ``mgrow.json``: the config it was saved with, its layout, the
+LR-schedule position, the data position, the growth-schedule position, the
+plan history and a manifest of every file; and every rank's RNG state.
+Checking a checkpoint against a training config before resuming is
+:mod:`mgrow.train.resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mgrow.checkpoint import deepspeed_format, files, megatron_format
+from mgrow.checkpoint.files import Progress
+from mgrow.core import faults
+from mgrow.parallel import collectives
+
+RNG_FILE = "rng.pt"
+
+__all__ = ["Progress", "save", "load"]  # Progress lives with the metadata format (checkpoint.files)
+
+
+
+
+def _engine_kind(optimizer_type: str) -> str:
+    return "deepspeed" if optimizer_type.startswith("zero") else "megatron"
+
+
+def _format(kind: str):
+    return deepspeed_format if kind == "deepspeed" else megatron_format
+
+
+def save(engine, cfg, progress: Progress, root: str) -> Path:
+    """Collective: write the whole training state as ``<root>/step_<progress.step>``, then point ``latest`` at it."""
+    dims = engine.dims
+    tmp = files.temporary(root, progress.step)
+    if dims.rank == 0:
+        files.prepare(root, progress.step)
+    dist.barrier()
+    _format(_engine_kind(cfg.optimizer.type)).save(engine, str(tmp))
+    states = collectives.gather_objects(_rng_state(dims))
+    if dims.rank == 0:
+        torch.save(states, tmp / RNG_FILE)
+    faults.kill_point("save", progress.step)
+    dist.barrier()  # every rank's files are written
+    final = Path(root) / files.step_name(progress.step)
+    if dims.rank == 0:
+        final = files.commit(root, progress.step, {
+            "engine": _engine_kind(cfg.optimizer.type),
+            "optimizer": cfg.optimizer.type,
+            "layout": {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp},
+            "model": cfg.model.to_dict(),
+            "config": cfg.to_dict(),
+            "progress": dataclasses.asdict(progress),
+            "scheduler_steps": int(engine.scheduler.num_steps),
+        })
+    dist.barrier()
+    return final
+
+
+def load(engine, folder: Path, metadata: dict) -> None:
+    """Collective: fill ``engine`` (built for the checkpoint's model on the current layout) with the state saved
+    in step folder ``folder`` (``metadata``: its ``mgrow.json``)."""
+    _format(metadata["engine"]).load(engine, str(folder), metadata)
+    engine.scheduler.num_steps = metadata["scheduler_steps"]
+    engine.scheduler.step(increment=0)
+    dims = engine.dims
+    if metadata["layout"] == {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}:
+        _set_rng_state(torch.load(Path(folder) / RNG_FILE, weights_only=True)[dims.rank], dims)
+    # On another layout the ranks keep the seeded streams they started with (no rank maps to an old one).
+
+
+def _rng_state(dims) -> dict:
+    """This rank's generators as CPU tensors: torch's CPU one, its device's CUDA one, megatron's tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if dims.is_cuda:
+        state["cuda"] = torch.cuda.get_rng_state(dims.device)
+    return state
+
+
+def _set_rng_state(state: dict, dims) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if dims.is_cuda and "cuda" in state:  # a checkpoint saved on CPU ranks has no CUDA generator state
+        torch.cuda.set_rng_state(state["cuda"], dims.device)
+    get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,131 @@
+"""Build megatron-core GPTModel stages and move whole (global) tensors in and out of them."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Iterator, Optional
+
+import torch
+
+from mgrow.core.defaults import DEFAULT_SEED
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.parameters import layer_index, renumber
+from mgrow.parallel import collectives
+from mgrow.parallel import layout as layout_table
+
+
+def build_gpt(cfg: ModelConfig, dims, seed: int = DEFAULT_SEED, init: Optional[dict] = None, initialize: bool = True):
+    """This rank's GPTModel stage on ``dims.device`` (megatron's parallel_state must be initialised).
+
+    Megatron builds the weights where Megatron-LM does (on the GPU of a CUDA rank,
+    ``use_cpu_initialization`` on a CPU rank), and the whole stage then moves to the
+    rank's device, as Megatron-LM's ``get_model`` does (the local spec's torch norms
+    are made on the CPU). Weights come from :class:`CanonicalInit` (or from ``init``,
+    a dict of global name -> full tensor), so every TP/PP layout of one seed holds
+    the same model. ``initialize=False`` leaves megatron's own initialisation (the
+    caller fills every weight).
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = cfg.transformer_config(dims.tp, dims.pp, use_cpu_initialization=not dims.is_cuda)
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        pre_process=dims.is_first_stage,
+        post_process=dims.is_last_stage,
+        **cfg.gpt_model_kwargs(),
+    )
+    model.to(dims.device)
+    if cfg.bf16:
+        model.bfloat16()  # params_dtype reaches the linear layers only; megatron's Float16Module casts the norms too
+    if initialize:
+        load_full_tensors(model, cfg, init if init is not None else CanonicalInit(cfg, seed), dims)
+    return model
+
+
+def position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] positions 0..s-1 of a token batch, on its device."""
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def global_names(model) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """(local name, global name, parameter) for every parameter of a stage.
+
+    The tied output layer of a last stage (PP>1) is the word embedding.
+    """
+    for local, param in model.named_parameters():
+        index = layer_index(local)
+        name = local
+        if index is not None:
+            name = renumber(local, model.decoder.layers[index].layer_number - 1)
+        elif local == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            name = "embedding.word_embeddings.weight"
+        yield local, name, param
+
+
+def by_global_name(model) -> dict[str, torch.nn.Parameter]:
+    return {name: param for _, name, param in global_names(model)}
+
+
+def full_shape(param: torch.Tensor, layout: layout_table.TensorLayout, tp: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if layout.partition_dim is not None:
+        shape[layout.partition_dim] *= tp
+    return tuple(shape)
+
+
+def load_full_tensors(model, cfg: ModelConfig, full_by_name, dims) -> None:
+    """Copy this rank's TP shard of each full tensor (on any device) into the stage's parameters."""
+    tp, tp_rank = dims.tp, dims.tp_rank
+    with torch.no_grad():
+        for _, name, param in global_names(model):
+            layout = layout_table.layout_of(name, cfg.gated_linear_unit)
+            full = full_by_name[name] if isinstance(full_by_name, dict) else full_by_name(name, full_shape(param, layout, tp))
+            expected = full_shape(param, layout, tp)
+            if tuple(full.shape) != expected:
+                raise ValueError(f"{name}: full tensor {tuple(full.shape)} does not fit shape {expected}")
+            param.copy_(layout_table.tp_shard(full, layout, tp_rank, tp))
+
+
+def gather_full_tensors(model, cfg: ModelConfig, dims) -> dict[str, torch.Tensor]:
+    """Every global tensor of the model, gathered over TP and PP, on every rank (on the CPU).
+
+    One parameter at a time is held in full on the device; used by tests and `mgrow verify`.
+    """
+    local: dict[str, torch.Tensor] = {}
+    for _, name, param in global_names(model):
+        layout = layout_table.layout_of(name, cfg.gated_linear_unit)
+        local[name] = layout_table.tp_merge(collectives.all_gather(param.data, dims.tp_group, dims.tp), layout).cpu()
+    # Stages hold different names: share them over the pipeline group.
+    merged: dict[str, torch.Tensor] = {}
+    for stage in collectives.gather_objects(local, group=dims.pp_group):
+        merged.update(stage)
+    return merged
+
+
+class CanonicalInit:
+    """Megatron's init rules with one generator per global tensor name, drawn on the CPU.
+
+    Linear and embedding weights ~ N(0, std); linear_proj / linear_fc2 weights
+    ~ N(0, std / sqrt(2 N)) (megatron's ``output_layer_init_method``); norm
+    gains 1, biases 0. Independent of the TP/PP layout and of the device by
+    construction: the CPU generator draws the full tensor, the rank copies its shard.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if "layernorm" in name:
+            return torch.ones(shape, device="cpu") if name.endswith("weight") else torch.zeros(shape, device="cpu")
+        if name.endswith("bias"):
+            return torch.zeros(shape, device="cpu")
+        std = self.cfg.init_method_std
+        if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            std /= math.sqrt(2.0 * self.cfg.num_layers)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=generator, device="cpu") * std

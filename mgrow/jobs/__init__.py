@@ -1,0 +1,1 @@
+"""One module per command: each validates its arguments (without torch), then runs on its ranks (``launch``)."""

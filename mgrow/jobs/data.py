@@ -1,0 +1,8 @@
+"""`mgrow data`: build the indexed byte-level corpus from text files or folders."""
+
+from mgrow.train.data import DEFAULT_SOURCES, build_corpus
+
+
+def main(args) -> int:
+    print(build_corpus(args.out, args.source or DEFAULT_SOURCES))
+    return 0

@@ -1,0 +1,85 @@
+"""`mgrow grow-checkpoint`: grow a saved checkpoint offline, weights and optimizer state, into a new checkpoint.
+
+The job loads checkpoint A on its own layout (or the one asked for), grows it
+in memory with the transaction a running job uses (:func:`mgrow.transforms.grow.grow`:
+weights, fp32 masters, Adam moments and step), and saves B with A's progress
+and the plan added to its history. A run resumed from B with A's config
+replays that history, so it builds the grown model without any config edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mgrow.checkpoint.files import open_checkpoint
+from mgrow.core.errors import ConfigError
+from mgrow.core.plan import Plan, load_plan
+from mgrow.jobs.launch import RankJob, check_job_flags, execute
+
+
+@dataclass(frozen=True)
+class GrowCheckpoint:
+    folder: Path
+    metadata: dict
+    plan: Plan
+    out: str
+    tp: int
+    pp: int
+    device: str
+    backend: str
+
+
+def main(args) -> int:
+    folder, metadata, model = open_checkpoint(args.source, "--in")
+    saved = metadata["layout"]
+    tp, pp, dp = (getattr(args, k) if getattr(args, k) is not None else saved[k] for k in ("tp", "pp", "dp"))
+    try:
+        plan = load_plan(args.plan)
+        grown = plan.validate(model)[-1]
+    except ConfigError as error:
+        raise ConfigError(f"--plan {args.plan}: {error.field}", f"{error.rule} (checkpoint {folder})") from None
+    check_job_flags(tp, pp, dp)
+    for what, cfg in (("--in", model), (f"--plan {args.plan}", grown)):
+        try:
+            cfg.check_layout(tp, pp)
+        except ConfigError as error:
+            raise ConfigError(what, f"the model does not fit tp={tp}, pp={pp}: {error}") from None
+    if os.path.abspath(args.out) == os.path.abspath(folder.parent):
+        raise ConfigError("--out", "must be another checkpoint root than --in's (the grown checkpoint would "
+                                   "replace the one it is made from)")
+    job = GrowCheckpoint(folder, metadata, plan, args.out, tp, pp, args.device, args.backend)
+    return execute(RankJob(tp * pp * dp, run_rank, job))
+
+
+def run_rank(job: GrowCheckpoint) -> int:
+    """One rank: restore A, grow it, save B; rank 0 prints one JSON line."""
+    # the ranks' imports (the parent validates without torch)
+    from mgrow.checkpoint.state import save
+    from mgrow.parallel.dims import init_distributed, shutdown
+    from mgrow.testing.harness import random_tokens
+    from mgrow.train.restore import restored_engine
+    from mgrow.transforms.grow import grow
+
+    try:
+        dims = init_distributed(job.tp, job.pp, job.metadata["config"]["train"]["seed"], device=job.device,
+                                backend=job.backend)
+        engine, cfg, progress = restored_engine(job.folder, job.metadata, dims)
+        tokens = random_tokens(cfg.model, 0, batch=2, seq=cfg.train.seq_length)
+        start = time.perf_counter()
+        engine, grown_cfg, report = grow(engine, cfg, job.plan, check_tokens=tokens)
+        progress.history.append({"step": progress.step, "plan": report.plan, "source": "offline"})
+        written = save(engine, grown_cfg, progress, job.out)
+        seconds = time.perf_counter() - start
+        if dims.rank == 0:
+            print(json.dumps({"in": str(job.folder), "out": str(written), "step": progress.step,
+                              "params_before": report.params_before, "params_after": report.params_after,
+                              "max_abs_logit_diff": report.max_abs_logit_diff,
+                              "growth_seconds": report.growth_seconds, "seconds": seconds}), flush=True)
+        engine.destroy()
+    finally:
+        shutdown()
+    return 0

@@ -1,0 +1,73 @@
+"""All or nothing across ranks: the agreement after each unit of local work, and the RNG state to restore.
+
+A transform (growth, fusion) does its local work in units (one parameter, one
+phase); after each unit every rank says whether it failed. If any rank did,
+every rank raises the same :class:`~mgrow.core.errors.GrowthError` naming the
+failed ranks and their errors, and keeps the objects it had: the transform
+builds new ones and touches the old ones only to read them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from mgrow.core.errors import GrowthError
+from mgrow.parallel import collectives
+
+
+class Agreement:
+    """After each unit of local work: did any rank fail? Then every rank raises the same GrowthError."""
+
+    def __init__(self, dims, action: str = "growth"):
+        self.dims, self.action = dims, action
+
+    def check(self, error: Optional[BaseException], what: str) -> None:
+        if not collectives.any_rank(self.dims, error is not None):
+            return
+        messages = collectives.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
+        raise GrowthError(f"{self.action} failed at {what} ({failed}); every rank keeps its old model and "
+                          "optimizer") from error
+
+    def run(self, what: str, fn):
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
+            error = caught
+        self.check(error, what)
+        return result
+
+
+class RngState:
+    """torch's CPU generator, the device's CUDA generator and megatron's model-parallel RNG tracker, as they were:
+    building a model draws random numbers, and training must go on from the same streams."""
+
+    def __init__(self, dims):
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        self.device = dims.device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(self.device) if dims.is_cuda else None
+        self.tracker = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+
+    def restore(self) -> None:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        get_cuda_rng_tracker().set_states({k: v.clone() for k, v in self.tracker.items()})
+
+
+def agreed_step(dims, step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The Adam step every rank continues from (a rank that owns no optimizer state has none of its own).
+
+    A CPU tensor, as torch's Adam keeps its step (not capturable, not fused).
+    """
+    value = collectives.reduce_scalar(dims, -1.0 if step is None else float(step), "max")
+    if value < 0:
+        return None
+    return torch.tensor(value, dtype=torch.float32, device="cpu")
