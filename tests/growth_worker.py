@@ -89,6 +89,7 @@ def main(argv: list[str]) -> None:
         result["losses_before"], result["losses_after"] = losses, after
     Path(out_dir, f"rank{dims.rank}.json").write_text(json.dumps(result))
     dist.barrier()
+    engine.destroy()
     shutdown()
 
 

@@ -57,6 +57,7 @@ def main(argv: list[str]) -> None:
     if dims.rank == 0:
         Path(out_dir, "result.json").write_text(json.dumps(result))
     dist.barrier()
+    engine.destroy()
     shutdown()
 
 

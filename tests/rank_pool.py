@@ -203,13 +203,25 @@ GLOBAL_STATE_MODULES = ("megatron.core.parallel_state", "deepspeed.utils.groups"
 
 
 def _reset(baseline: dict) -> None:
-    """Drop what a finished process would drop: process groups, the libraries' module-level state."""
+    """Drop what a finished process would drop: models, process groups, the libraries' module-level state."""
     import gc
 
+    import deepspeed
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+    from mgrow.engine.engines import release_megatron_ddp, release_zero3_references
     from mgrow.parallel.dims import shutdown
 
+    # A model a job left behind (the last one of a training run, one a test worker built) sits in a reference
+    # cycle through autograd nodes that only its engine's teardown breaks.
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel):
+            release_megatron_ddp(obj)
+        elif isinstance(obj, deepspeed.DeepSpeedEngine) and dist.is_initialized():  # its teardown logs by rank
+            obj.destroy()
+            release_zero3_references(obj.module)
     RotaryEmbedding.forward.cache_clear()  # keyed by rotary modules, which hold their context-parallel group
     shutdown()
     for module_name, values in baseline.items():

@@ -161,7 +161,20 @@ class MegatronEngine:
         return for_megatron(self.optimizer)
 
     def destroy(self) -> None:
-        pass  # nothing outside Python's reach: the buffers go with the last reference
+        release_megatron_ddp(self.ddp)
+
+
+def release_megatron_ddp(ddp) -> None:
+    """Cut the reference cycle that keeps a megatron DDP model alive after its last user lets go.
+
+    Megatron's DDP hooks each parameter's grad accumulator (a C++ autograd node) with a closure over the DDP
+    module, whose config holds the optimizer (``grad_scale_func``), whose state holds views of the parameters
+    whose autograd graph leads back to those nodes: a cycle through C++ that Python's collector cannot see. It
+    would keep a replaced model, its optimizer and its process groups for the rest of the job.
+    """
+    ddp.grad_accs.clear()
+    ddp.config.grad_scale_func = None
+    ddp.config.no_sync_func = None
 
 
 def _freezing(cfg) -> bool:
@@ -283,6 +296,30 @@ class DeepSpeedEngine:
 
     def destroy(self) -> None:
         self.engine.destroy()
+        if self.cfg.optimizer.zero_stage == 3:
+            release_zero3_references(self.engine.module)
+
+
+def release_zero3_references(module) -> None:
+    """Drop the process-wide references to a ZeRO-3 model that DeepSpeed's ``engine.destroy()`` leaves
+    (docs/library_facts.md): the top module pushed on ``parameter_offload.FWD_MODULE_STACK`` at setup, the
+    ``lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, keyed by coordinator and submodule,
+    and megatron's ``lru_cache`` on ``RotaryEmbedding.forward``, keyed by the rotary module, which ZeRO-3's hooks
+    tie to the whole model. Without this, a job that replaces its engine (growth, fusion) keeps every old model
+    and its process groups alive."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    ours = {id(each) for each in module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    # The cache only memoizes a pure function of its arguments: clearing it costs a recomputation, nothing else.
+    # It sits under DeepSpeed's NVTX wrapper, which keeps the cached function in its closure.
+    wrapper = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    for cell in wrapper.__closure__ or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+    RotaryEmbedding.forward.cache_clear()
 
 
 def build_engine(model, cfg, dims):

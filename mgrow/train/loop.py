@@ -195,6 +195,7 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
     if progress_bar:
         progress_bar.close()
     metrics.close()
+    engine.destroy()  # lets the model, its optimizer and its groups go when the caller goes on in this process
     return result
 
 
