@@ -131,3 +131,66 @@ def test_fuse_two_checkpoints_reports_the_deviation_and_has_the_block_structure(
         assert torch.equal(out[:, h:], sb["output_layer.weight"] * 2.0 ** power)
     for name, tensor in states["f"]["weight"].items():  # the sharded job = the reference op on the gathered A, B
         assert torch.equal(tensor, fuse_tensor(name, states["a"]["weight"][name], states["b"]["weight"][name], cfg)), name
+
+
+# ----------------------------------------------------------------------------- fusion as a transaction
+
+
+def fusion_with_a_failure(optimizer: str, out_dir: str) -> None:
+    """On each rank of a TP2 job: two trained engines, a fusion that fails on one rank (the environment's
+    MGROW_INJECT_GROWTH_FAILURE), then A and B as they were and a training step of A."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from launch_utils import TINY_MODEL
+    from mgrow.core.errors import GrowthError
+    from mgrow.engine.engines import build_engine, global_mean_loss
+    from mgrow.engine.model import build_gpt
+    from mgrow.parallel.dims import init_distributed, shutdown
+    from mgrow.testing.harness import RandomBatches, check_config, gather_state
+    from mgrow.transforms.fuse import fuse as fuse_engines
+
+    model = ModelConfig(**TINY_MODEL)
+    dims = init_distributed(2, 1, 1234, device="cpu")
+    cfg = check_config(model, dims, optimizer, 16)
+    batches = RandomBatches(cfg, 1234, dims)
+    engines = [build_engine(build_gpt(model, dims, seed=seed), cfg, dims) for seed in (1, 2)]
+    for engine in engines:
+        engine.train_step(batches(0))
+    before = [gather_state(engine, model) for engine in engines]
+    try:
+        fuse_engines(*engines, cfg)
+        error = None
+    except GrowthError as caught:
+        error = str(caught)
+    after = [gather_state(engine, model) for engine in engines]
+    compared = sum(len(tensors) for state in before for tensors in state.values())
+    unchanged = all(torch.equal(b[kind][name], a[kind][name])
+                    for b, a in zip(before, after) for kind in b for name in b[kind])
+    next_loss = global_mean_loss(engines[0].train_step(batches(1)), dims)
+    Path(out_dir, f"rank{dims.rank}.json").write_text(json.dumps(
+        {"error": error, "unchanged": unchanged, "compared": compared, "next_loss": next_loss}))
+    for engine in engines:
+        engine.destroy()
+    dist.barrier()
+    shutdown()
+
+
+@pytest.mark.parametrize("optimizer, phase", [("megatron", "moments"), ("zero2", "weights")])
+def test_a_fusion_that_fails_on_one_rank_leaves_both_models_as_they_were(tmp_path, optimizer, phase):
+    from rank_pool import pool
+
+    name = "decoder.layers.1.mlp.linear_fc1.weight"
+    done = pool().run(2, "test_fusion:fusion_with_a_failure", (optimizer, str(tmp_path)),
+                      env={"MGROW_INJECT_GROWTH_FAILURE": f"1:{phase}:{name}"}, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    what = "optimizer state" if phase == "moments" else "weights"
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["error"] is not None and result["error"].startswith(
+            f"fusion failed at {what} of {name} (rank 1: RuntimeError: injected failure"), result
+        assert result["error"].endswith("every rank keeps its old model and optimizer"), result
+        assert result["unchanged"] and result["compared"] > 0, result
+        assert 0 < result["next_loss"] < 10, result

@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from mgrow.core import faults
 from mgrow.core.plan import fused_config
 from mgrow.engine.engines import build_engine
 from mgrow.engine.model import build_gpt, by_global_name
@@ -69,8 +70,8 @@ def fuse(engine_a, engine_b, cfg):
             for name, param in fused_params.items():
                 for power, key in enumerate(MOMENTS, start=1):
                     full = full_of(name, lambda source, p: source.moment(p, key))
-                    agree.run(f"optimizer state of {name}", lambda: state.set_moment(
-                        param, key, fused_shard(name, fuse_moment(name, *full, model_cfg, power))))
+                    agree.run(f"optimizer state of {name}", lambda: _set_moment(
+                        state, name, param, key, power, full, model_cfg, fused_shard))
     except BaseException:
         if engine is not None:
             engine.destroy()
@@ -80,11 +81,17 @@ def fuse(engine_a, engine_b, cfg):
 
 
 def _set_weight(name, param, full, model_cfg, fused_shard, masters, bf16: bool) -> None:
+    faults.growth_failure_point("weights", name)
     shard = fused_shard(name, fuse_tensor(name, *full, model_cfg))
     with torch.no_grad():
         param.copy_(shard)
     if bf16:
         masters[name] = shard
+
+
+def _set_moment(state, name, param, key, power, full, model_cfg, fused_shard) -> None:
+    faults.growth_failure_point("moments", name)
+    state.set_moment(param, key, fused_shard(name, fuse_moment(name, *full, model_cfg, power)))
 
 
 def logit_deviation(engine_a, engine_b, engine, tokens: torch.Tensor) -> dict:
