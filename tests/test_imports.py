@@ -97,3 +97,15 @@ def test_the_layer_check_catches_a_hidden_upward_import():
     assert upward(edges_of("mgrow.engine.engines", source)) == []
     hidden = source + "\n\ndef _back_edge():\n    from mgrow.train.loop import train\n\n    return train\n"
     assert upward(edges_of("mgrow.engine.engines", hidden)) == ["mgrow.engine.engines -> mgrow.train.loop (in a function)"]
+
+
+def test_core_imports_no_torch():
+    """core/ is what the parent of a local launch and the config checks stand on: importing it loads no torch."""
+    import subprocess
+    import sys
+
+    core = sorted(module for module in MODULES if module.startswith("mgrow.core"))
+    probe = f"import sys; import {', '.join(core)}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT.parent, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
