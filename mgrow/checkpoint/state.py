@@ -27,8 +27,6 @@ RNG_FILE = "rng.pt"
 __all__ = ["Progress", "save", "load"]  # Progress lives with the metadata format (checkpoint.files)
 
 
-
-
 def _engine_kind(optimizer_type: str) -> str:
     return "deepspeed" if optimizer_type.startswith("zero") else "megatron"
 
