@@ -22,20 +22,21 @@ import io
 import multiprocessing
 import multiprocessing.connection
 import os
-import socket
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = str(Path(__file__).resolve().parent)
 PRELOAD = ["mgrow.jobs.launch", "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.distributed",
            "megatron.core.pipeline_parallel", "deepspeed", "mgrow.train.loop", "mgrow.testing.invariants",
            "mgrow.jobs.train", "mgrow.jobs.verify", "mgrow.cli"]
-RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -77,9 +78,9 @@ class _World:
             conn.send(job)
         results: list = [None] * self.size
         pending = dict(enumerate(self.conns))
-        deadline = _now() + timeout
+        deadline = time.monotonic() + timeout
         while pending:
-            ready = multiprocessing.connection.wait(list(pending.values()), timeout=max(0.0, deadline - _now()))
+            ready = multiprocessing.connection.wait(list(pending.values()), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 self.kill()
                 raise subprocess.TimeoutExpired(job[0], timeout)
@@ -107,7 +108,7 @@ class RankPool:
             if world is not None:
                 world.kill()
             world = self.worlds[nproc] = _World(self.context, nproc)
-        job = (target, tuple(args), dict(env or {}), str(cwd), _free_port())
+        job = (target, tuple(args), dict(env or {}), str(cwd), free_port())
         results = world.run(job, timeout)
         if any(code == -9 for code, _, _ in results):
             world.kill()
@@ -244,15 +245,3 @@ def _global_state() -> dict:
 
 def _plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, list, dict, set, tuple))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from mgrow.checkpoint.files import open_checkpoint
 from mgrow.core.errors import ConfigError
 from mgrow.core.plan import fused_config
-from mgrow.jobs.launch import RankJob, check_job_flags, execute
+from mgrow.jobs.launch import RankJob, check_job_flags, check_models_fit, checkpoint_job_layout, execute
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,10 @@ def main(args) -> int:
     folder_a, metadata_a, model_a = open_checkpoint(args.a, "--a")
     folder_b, metadata_b, model_b = open_checkpoint(args.b, "--b")
     fused = fused_config(model_a, model_b, field="--b")
-    saved = metadata_a["layout"]
-    tp, pp, dp = (getattr(args, k) if getattr(args, k) is not None else saved[k] for k in ("tp", "pp", "dp"))
+    tp, pp, dp = checkpoint_job_layout(args, metadata_a["layout"])
     for metadata in (metadata_a, metadata_b):
         check_job_flags(tp, pp, dp, metadata["optimizer"])
-    for what, cfg in (("--a", model_a), ("the fused model", fused)):
-        try:
-            cfg.check_layout(tp, pp)
-        except ConfigError as error:
-            raise ConfigError(what, f"the model does not fit tp={tp}, pp={pp}: {error}") from None
+    check_models_fit((("--a", model_a), ("the fused model", fused)), tp, pp)
     out = os.path.abspath(args.out)
     for flag, folder in (("--a", folder_a), ("--b", folder_b)):
         if out in (os.path.abspath(folder), os.path.abspath(folder.parent)):

@@ -18,7 +18,7 @@ from pathlib import Path
 from mgrow.checkpoint.files import open_checkpoint
 from mgrow.core.errors import ConfigError
 from mgrow.core.plan import Plan, load_plan
-from mgrow.jobs.launch import RankJob, check_job_flags, execute
+from mgrow.jobs.launch import RankJob, check_job_flags, check_models_fit, checkpoint_job_layout, execute
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,14 @@ class GrowCheckpoint:
 
 def main(args) -> int:
     folder, metadata, model = open_checkpoint(args.source, "--in")
-    saved = metadata["layout"]
-    tp, pp, dp = (getattr(args, k) if getattr(args, k) is not None else saved[k] for k in ("tp", "pp", "dp"))
+    tp, pp, dp = checkpoint_job_layout(args, metadata["layout"])
     try:
         plan = load_plan(args.plan)
         grown = plan.validate(model)[-1]
     except ConfigError as error:
         raise ConfigError(f"--plan {args.plan}: {error.field}", f"{error.rule} (checkpoint {folder})") from None
     check_job_flags(tp, pp, dp)
-    for what, cfg in (("--in", model), (f"--plan {args.plan}", grown)):
-        try:
-            cfg.check_layout(tp, pp)
-        except ConfigError as error:
-            raise ConfigError(what, f"the model does not fit tp={tp}, pp={pp}: {error}") from None
+    check_models_fit((("--in", model), (f"--plan {args.plan}", grown)), tp, pp)
     if os.path.abspath(args.out) == os.path.abspath(folder.parent):
         raise ConfigError("--out", "must be another checkpoint root than --in's (the grown checkpoint would "
                                    "replace the one it is made from)")

@@ -79,6 +79,20 @@ def check_job_flags(tp: int, pp: int, dp: int, optimizer: Optional[str] = None) 
         raise ConfigError("--pp", f"optimizer {optimizer} (DeepSpeed ZeRO) runs with pp = 1, got {pp}")
 
 
+def checkpoint_job_layout(args, saved: dict) -> tuple[int, int, int]:
+    """(tp, pp, dp) of a job that loads a checkpoint: each flag given, else the checkpoint's ``saved`` layout."""
+    return tuple(getattr(args, k) if getattr(args, k) is not None else saved[k] for k in ("tp", "pp", "dp"))
+
+
+def check_models_fit(models, tp: int, pp: int) -> None:
+    """Each ``(what, model)`` splits on tp x pp; the error names ``what``."""
+    for what, model in models:
+        try:
+            model.check_layout(tp, pp)
+        except ConfigError as error:
+            raise ConfigError(what, f"the model does not fit tp={tp}, pp={pp}: {error}") from None
+
+
 def check_launcher_world(world: int) -> None:
     """Under a launcher, its WORLD_SIZE must be the job's tp*pp*dp."""
     if int(os.environ["WORLD_SIZE"]) != world:
