@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "mgrow"
 # lowest first; a module may import its own package and the packages before it
-LAYERS = ("core", "ops", "parallel", "engine", "checkpoint", "transforms", "train", "testing", "jobs", "cli")
+LAYERS = ("core", "ops", "parallel", "engine", "checkpoint", "transforms", "megatron", "deepspeed", "train", "testing", "jobs", "cli")
 
 
 def _module(path: Path) -> str:

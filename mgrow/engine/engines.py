@@ -6,7 +6,11 @@
   (through the small adapter in ``ds_mpu``).
 
 All three step the same megatron ``OptimizerParamScheduler`` (linear warmup,
-cosine decay), so their learning rates agree step for step. ``cfg`` is a
+cosine decay), so their learning rates agree step for step. The engines are the
+growable jobs a user's objects make (:class:`~mgrow.engine.megatron_job.MegatronJob`,
+:class:`~mgrow.engine.deepspeed_job.DeepSpeedJob`) built from mgrow's config, so
+``mgrow train`` grows through the same code as ``mgrow.megatron.grow`` and
+``mgrow.deepspeed.grow``. ``cfg`` is a
 training config (:class:`mgrow.train.config.TrainConfig`): the engines read its
 model, optimizer, train, deepspeed and transfer sections. Each engine keeps
 the rank's :class:`~mgrow.parallel.ParallelDims` (``engine.dims``); token
@@ -16,16 +20,18 @@ forward step.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import os
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from mgrow.engine import ds_mpu, param_groups
-from mgrow.engine.model import position_ids
-from mgrow.parallel.optimizer_state import ZeroState, for_megatron
+from mgrow.engine import ds_mpu, param_groups, schedulers
+from mgrow.engine.deepspeed_job import DeepSpeedJob, release_zero3_references  # noqa: F401 (re-exported)
+from mgrow.engine.megatron_job import MegatronJob, release_megatron_ddp  # noqa: F401 (re-exported)
+from mgrow.engine.steps import forward_step
 
 
 def _scheduler(optimizer, cfg):
@@ -47,45 +53,29 @@ def _scheduler(optimizer, cfg):
     )
 
 
-def _lm_loss(output_tensor: torch.Tensor):
-    """Mean of GPTModel's per-token losses (megatron's schedules divide it by the micro-batch count)."""
-    loss = output_tensor.float().mean()
-    return loss, {"lm loss": loss.detach().clone()}
+class MegatronEngine(MegatronJob):
+    """Megatron DDP + AdamW or DistributedOptimizer, stepped through megatron's schedules.
 
+    ``parts``: (ddp, optimizer, scheduler) already made (by growth) instead of made from ``cfg``.
+    """
 
-def _on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tokens.to(device, non_blocking=True)
+    def __init__(self, model, cfg, dims, parts=None):
+        self.cfg = cfg
+        if parts is None:
+            parts = self._make(model, cfg)
+        ddp, optimizer, scheduler = parts
+        super().__init__(ddp, optimizer, scheduler, config_overrides=_frozen_overrides(cfg, optimizer.config),
+                         dims=dims)
 
-
-def _forward_step(data_iterator: Iterator, model, device: torch.device):
-    tokens = _on_device(next(data_iterator), device)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    output = model(inputs, position_ids(inputs), None, labels=labels)
-    return output, _lm_loss
-
-
-def _keep_logits(output_tensor: torch.Tensor):
-    return output_tensor.float().sum() * 0.0, {"logits": output_tensor.detach().clone()}
-
-
-def _logits_step(data_iterator: Iterator, model, device: torch.device):
-    """Logits (this TP rank's vocab slice, [b, s, V/tp]) instead of the loss."""
-    tokens = _on_device(next(data_iterator), device)
-    return model(tokens, position_ids(tokens), None), _keep_logits
-
-
-class MegatronEngine:
-    """Megatron DDP + AdamW or DistributedOptimizer, stepped through megatron's schedules."""
-
-    def __init__(self, model, cfg, dims):
+    @staticmethod
+    def _make(model, cfg):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        self.cfg, self.dims = cfg, dims
         distributed = cfg.optimizer.type == "megatron"
         tconfig = model.config
-        self.ddp = DistributedDataParallel(
+        ddp = DistributedDataParallel(
             config=tconfig,
             ddp_config=DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
@@ -106,26 +96,27 @@ class MegatronEngine:
             bf16=cfg.model.bf16,  # fp32 main params: Float16OptimizerWithFloat16Params / DistributedOptimizer
             params_dtype=cfg.model.dtype,
         )
-        self.optimizer = get_megatron_optimizer(optimizer_config, [self.ddp],
-                                                config_overrides=_frozen_overrides(cfg, optimizer_config))
-        self.scheduler = _scheduler(self.optimizer, cfg)
+        optimizer = get_megatron_optimizer(optimizer_config, [ddp],
+                                           config_overrides=_frozen_overrides(cfg, optimizer_config))
+        scheduler = _scheduler(optimizer, cfg)
         tconfig.finalize_model_grads_func = finalize_model_grads
-        tconfig.no_sync_func = self.ddp.no_sync
-        tconfig.grad_scale_func = self.optimizer.scale_loss
+        tconfig.no_sync_func = ddp.no_sync
+        tconfig.grad_scale_func = optimizer.scale_loss
+        return ddp, optimizer, scheduler
 
-    @property
-    def module(self):
-        return self.ddp.module
+    def _assemble(self, ddp, optimizer, scheduler, grown):
+        return MegatronEngine(None, dataclasses.replace(self.cfg, model=grown), self.dims,
+                              parts=(ddp, optimizer, scheduler))
 
-    def _run(self, microbatches: list[torch.Tensor], forward_only: bool, step=_forward_step) -> list[dict]:
+    def _run(self, microbatches: list[torch.Tensor], forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
-            forward_step_func=functools.partial(step, device=self.dims.device),
+            forward_step_func=functools.partial(forward_step, device=self.dims.device),
             data_iterator=iter(microbatches),
             model=[self.ddp],
             num_microbatches=len(microbatches),
-            seq_length=microbatches[0].shape[1] - (0 if step is _logits_step else 1),
+            seq_length=microbatches[0].shape[1] - 1,
             micro_batch_size=microbatches[0].shape[0],
             forward_only=forward_only,
         )
@@ -149,32 +140,6 @@ class MegatronEngine:
 
     def scale_lr(self, factor: float) -> None:
         _scale_lr(self, factor)
-
-    def logits(self, tokens: torch.Tensor):
-        """This rank's logits slice for ``tokens`` [b, s] on the last stage; None elsewhere."""
-        self.ddp.eval()
-        with torch.no_grad():
-            outputs = self._run([tokens], forward_only=True, step=_logits_step)
-        return outputs[0]["logits"] if outputs else None
-
-    def optimizer_state(self):
-        return for_megatron(self.optimizer)
-
-    def destroy(self) -> None:
-        release_megatron_ddp(self.ddp)
-
-
-def release_megatron_ddp(ddp) -> None:
-    """Cut the reference cycle that keeps a megatron DDP model alive after its last user lets go.
-
-    Megatron's DDP hooks each parameter's grad accumulator (a C++ autograd node) with a closure over the DDP
-    module, whose config holds the optimizer (``grad_scale_func``), whose state holds views of the parameters
-    whose autograd graph leads back to those nodes: a cycle through C++ that Python's collector cannot see. It
-    would keep a replaced model, its optimizer and its process groups for the rest of the job.
-    """
-    ddp.grad_accs.clear()
-    ddp.config.grad_scale_func = None
-    ddp.config.no_sync_func = None
 
 
 def _freezing(cfg) -> bool:
@@ -231,36 +196,46 @@ def _decay_groups(model) -> list[dict]:
     return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
 
 
-class DeepSpeedEngine:
-    """A DeepSpeed ZeRO engine around the GPTModel (PP = 1)."""
+class DeepSpeedEngine(DeepSpeedJob):
+    """A DeepSpeed ZeRO engine around the GPTModel (PP = 1), with megatron's LR schedule.
 
-    def __init__(self, model, cfg, dims):
-        import argparse
+    ``parts``: (DeepSpeed engine, scheduler) already made (by growth) instead of made from ``cfg``.
+    """
 
+    def __init__(self, model, cfg, dims, parts=None):
         import deepspeed
 
-        self.cfg, self.dims = cfg, dims
-        o = cfg.optimizer
+        self.cfg = cfg
         if (cfg.deepspeed.get("wandb") or {}).get("enabled"):
             # DeepSpeed's own W&B monitor calls wandb.init without a mode: offline unless the user says online.
             os.environ.setdefault("WANDB_MODE", cfg.wandb.mode if cfg.wandb is not None else "offline")
-        optimizer = torch.optim.AdamW(
-            _frozen_groups(cfg, _decay_groups(model)), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-            weight_decay=o.weight_decay,
-        )
-        # device_rank: the engine's device is this rank's, not cuda:LOCAL_RANK (ranks may share one GPU)
-        args = argparse.Namespace(device_rank=dims.device.index if dims.is_cuda else int(os.environ.get("LOCAL_RANK", 0)))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            args=args, model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims.dp), mpu=ds_mpu
-        )
-        self.scheduler = _scheduler(self.optimizer, cfg)
+        if parts is None:
+            o = cfg.optimizer
+            optimizer = torch.optim.AdamW(
+                _frozen_groups(cfg, _decay_groups(model)), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                weight_decay=o.weight_decay,
+            )
+            # device_rank: the engine's device is this rank's, not cuda:LOCAL_RANK (ranks may share one GPU)
+            args = argparse.Namespace(device_rank=dims.device.index if dims.is_cuda
+                                      else int(os.environ.get("LOCAL_RANK", 0)))
+            engine, _, _, _ = deepspeed.initialize(
+                args=args, model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims.dp), mpu=ds_mpu
+            )
+            parts = engine, _scheduler(engine.optimizer, cfg)
+        engine, self.scheduler = parts
+        super().__init__(engine, dims=dims)
 
     @property
-    def module(self):
-        return self.engine.module
+    def config(self) -> dict:
+        """The DeepSpeed JSON of this engine's training config (at growth: the config with the new batch sizes)."""
+        return deepspeed_config(self.cfg, self.dims.dp)
+
+    def _assemble(self, engine, grown):
+        return DeepSpeedEngine(None, dataclasses.replace(self.cfg, model=grown), self.dims,
+                               parts=(engine, schedulers.rebuild(self.scheduler, engine.optimizer)))
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        output, loss_fn = _forward_step(iter([tokens]), self.engine, self.dims.device)
+        output, loss_fn = forward_step(iter([tokens]), self.engine, self.dims.device)
         return loss_fn(output)[0]
 
     def train_step(self, microbatches: list[torch.Tensor]) -> list[dict]:
@@ -284,42 +259,6 @@ class DeepSpeedEngine:
 
     def scale_lr(self, factor: float) -> None:
         _scale_lr(self, factor)
-
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.engine.eval()
-        tokens = _on_device(tokens, self.dims.device)
-        with torch.no_grad():
-            return self.engine(tokens, position_ids(tokens), None).detach().clone()
-
-    def optimizer_state(self):
-        return ZeroState(self.optimizer)
-
-    def destroy(self) -> None:
-        self.engine.destroy()
-        if self.cfg.optimizer.zero_stage == 3:
-            release_zero3_references(self.engine.module)
-
-
-def release_zero3_references(module) -> None:
-    """Drop the process-wide references to a ZeRO-3 model that DeepSpeed's ``engine.destroy()`` leaves
-    (docs/library_facts.md): the top module pushed on ``parameter_offload.FWD_MODULE_STACK`` at setup, the
-    ``lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, keyed by coordinator and submodule,
-    and megatron's ``lru_cache`` on ``RotaryEmbedding.forward``, keyed by the rotary module, which ZeRO-3's hooks
-    tie to the whole model. Without this, a job that replaces its engine (growth, fusion) keeps every old model
-    and its process groups alive."""
-    from deepspeed.runtime.zero import parameter_offload
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
-    ours = {id(each) for each in module.modules()}
-    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
-    # The cache only memoizes a pure function of its arguments: clearing it costs a recomputation, nothing else.
-    # It sits under DeepSpeed's NVTX wrapper, which keeps the cached function in its closure.
-    wrapper = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
-    for cell in wrapper.__closure__ or ():
-        if hasattr(cell.cell_contents, "cache_clear"):
-            cell.cell_contents.cache_clear()
-    RotaryEmbedding.forward.cache_clear()
 
 
 def build_engine(model, cfg, dims):

@@ -47,6 +47,63 @@ def build_gpt(cfg: ModelConfig, dims, seed: int = DEFAULT_SEED, init: Optional[d
     return model
 
 
+# ModelConfig fields that are TransformerConfig fields of the same name and meaning.
+TRANSFORMER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                      "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
+                      "qk_layernorm", "softmax_scale", "apply_query_key_layer_scaling", "init_method_std",
+                      "hidden_dropout", "attention_dropout")
+
+
+def grown_transformer_config(config, grown: ModelConfig):
+    """A live model's TransformerConfig with the grown model's values (sizes, and the norm epsilon a hidden
+    growth rescales); every other field kept. A new object.
+
+    An ``output_layer_init_method`` that megatron derived from the old layer count (std / sqrt(2 L)) is derived
+    again from the new one, as a fresh build of the grown size would; one the user set is kept.
+    """
+    import dataclasses
+
+    values = {name: getattr(grown, name) for name in TRANSFORMER_FIELDS}
+    if grown.is_moe:
+        values["moe_ffn_hidden_size"] = grown.ffn_hidden_size
+    if _derived_output_init(config):
+        values["output_layer_init_method"] = None
+    return dataclasses.replace(config, **values)
+
+
+def _derived_output_init(config) -> bool:
+    import functools
+
+    from megatron.core.utils import scaled_init_method_normal
+
+    method = config.output_layer_init_method
+    default = scaled_init_method_normal(config.init_method_std, config.num_layers,
+                                        multiplier=1.0 if config.is_hybrid_model else 2.0)
+    return (isinstance(method, functools.partial) and method.func is default.func and not method.args
+            and method.keywords == default.keywords)
+
+
+def build_like(old, grown: ModelConfig):
+    """A GPTModel stage of the grown model made as the live stage ``old`` was: its TransformerConfig (grown),
+    layer spec and GPTModel arguments (those a ModelConfig holds from ``grown``), on its device, in its dtype.
+    Megatron initialises the weights; growth overwrites every one of them."""
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(
+        config=grown_transformer_config(old.config, grown),
+        transformer_layer_spec=old.transformer_layer_spec,
+        pre_process=old.pre_process,
+        post_process=old.post_process,
+        fp16_lm_cross_entropy=old.fp16_lm_cross_entropy,
+        parallel_output=old.parallel_output,
+        **grown.gpt_model_kwargs(),
+    )
+    model.to(next(old.parameters()).device)
+    if grown.bf16:
+        model.bfloat16()
+    return model
+
+
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     """[b, s] positions 0..s-1 of a token batch, on its device."""
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)

@@ -60,6 +60,16 @@ class ParallelDims:
             stage_peers=tuple(dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())),
         )
 
+    @classmethod
+    def of_running_job(cls, device: torch.device) -> "ParallelDims":
+        """The dims of a job that set up torch.distributed and megatron's parallel_state itself."""
+        from megatron.core import parallel_state as ps
+
+        if not dist.is_initialized() or not ps.model_parallel_is_initialized():
+            raise ConfigError("parallel_state", "torch.distributed and megatron's parallel_state must be initialised "
+                                                "before growth (megatron.core.parallel_state.initialize_model_parallel)")
+        return cls.from_parallel_state(device, dist.get_backend())
+
     @property
     def stage(self) -> int:
         return self.pp_rank

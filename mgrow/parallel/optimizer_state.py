@@ -39,13 +39,22 @@ import torch.distributed as dist
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-# Optimizers that keep Adam's step in each param group instead of per parameter (apex.optimizers.FusedAdam,
-# transformer_engine.pytorch.optimizers.FusedAdam, deepspeed.ops.adam.FusedAdam).
-STEP_IN_GROUP_CLASSES = ("FusedAdam",)
+def step_layout(inner: torch.optim.Optimizer) -> str:
+    """Where an Adam keeps its step count.
+
+    * ``group``: ``group["step"]``, an int (apex.optimizers.FusedAdam, transformer_engine's FusedAdam);
+    * ``state_int``: ``state[p]["step"]``, an int (deepspeed.ops.adam.FusedAdam, fused_adam.py:147-190; its
+      ``group["step"]`` only seeds the state of a parameter seen for the first time);
+    * ``state``: ``state[p]["step"]``, a CPU tensor (torch's Adam and AdamW).
+    """
+    cls = type(inner)
+    if cls.__name__ != "FusedAdam":
+        return "state"
+    return "state_int" if cls.__module__.startswith("deepspeed.") else "group"
 
 
 def steps_in_group(inner: torch.optim.Optimizer) -> bool:
-    return type(inner).__name__ in STEP_IN_GROUP_CLASSES
+    return step_layout(inner) == "group"
 
 
 def _adam_state(inner: torch.optim.Optimizer, key, step: torch.Tensor, like: torch.Tensor) -> None:
@@ -53,8 +62,11 @@ def _adam_state(inner: torch.optim.Optimizer, key, step: torch.Tensor, like: tor
         "exp_avg": torch.zeros_like(like, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(like, memory_format=torch.preserve_format),
     }
-    if not steps_in_group(inner):
+    layout = step_layout(inner)
+    if layout == "state":
         state["step"] = step.clone()
+    elif layout == "state_int":
+        state["step"] = int(step)
     inner.state[key] = state
 
 
@@ -109,6 +121,10 @@ class TorchAdamState:
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         self.inner.state[self._main(param)][key].copy_(value)
 
+    def group_of(self, param) -> Optional[dict]:
+        main = self._main(param)
+        return next((group for group in self.inner.param_groups if any(p is main for p in group["params"])), None)
+
 
 class DistributedOptimizerState(TorchAdamState):
     """Megatron DistributedOptimizer: this DP rank's range of each parameter, as a 1-D main parameter.
@@ -160,6 +176,11 @@ class DistributedOptimizerState(TorchAdamState):
         if owned is not None:
             main, span = owned
             self.inner.state[main][key].copy_(value.reshape(-1)[span.start : span.end])
+
+    def group_of(self, param) -> Optional[dict]:
+        if param not in self.optimizer.model_param_group_index_map:
+            return None  # no range of it on this DP rank
+        return self.inner.param_groups[self.optimizer.model_param_group_index_map[param][0]]
 
 
 class ZeroState:
@@ -228,6 +249,15 @@ class ZeroState:
             self._set_stage3(param, value, key)
             return
         safe_set_full_optimizer_state(param, value, key)
+
+    def group_of(self, param) -> Optional[dict]:
+        """The param group of ``param``: DeepSpeed keeps the model's parameters of group i in its list
+        ``bit16_groups`` (stages 1, 2), ``fp16_groups`` (3) or ``bf16_groups`` (bf16 without ZeRO)."""
+        for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
+            for index, params in enumerate(getattr(self.optimizer, name, ())):
+                if any(p is param for p in params):
+                    return self.optimizer.param_groups[index]
+        return None
 
     def _set_stage3(self, param, value: torch.Tensor, key: Optional[str]) -> None:
         """This rank's ZeRO-3 partition of the master (key None, and the parameter's own partition) or a moment.

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mgrow.core.errors import GrowthError
+from mgrow.core.errors import ConfigError, GrowthError
 from mgrow.parallel import collectives
 
 
@@ -30,6 +30,21 @@ class Agreement:
         failed = "; ".join(f"rank {rank}: {message}" for rank, message in enumerate(messages) if message)
         raise GrowthError(f"{self.action} failed at {what} ({failed}); every rank keeps its old model and "
                           "optimizer") from error
+
+    def validate(self, what: str, fn):
+        """``run`` for a check of the inputs: when every rank refused them with the same ConfigError, that
+        error is raised on every rank (it names the field and the rule); any other failure is a GrowthError."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
+            error = caught
+        if not collectives.any_rank(self.dims, error is not None):
+            return result
+        mine = f"{type(error).__name__}: {error}" if isinstance(error, ConfigError) else None
+        if len(set(collectives.gather_objects(mine))) == 1 and mine is not None:
+            raise error
+        self.check(error, what)
 
     def run(self, what: str, fn):
         result, error = None, None

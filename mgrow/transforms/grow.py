@@ -1,9 +1,12 @@
-"""``grow``: grow a running job's model and optimizer state in memory, on every rank, all or nothing.
+"""``grow_job``: grow a running job's model and optimizer state in memory, on every rank, all or nothing.
 
-validate -> build the grown stage -> move weights (one full parameter at a
-time) -> build the engine around it -> (bf16: set its fp32 masters) -> move
-Adam moments -> carry the LR schedule -> hand back. The old engine is not
-touched until every rank has succeeded: a failure on any rank (an exception in its local work) is agreed on
+read the live model -> validate the plan and the job -> build the grown stage
+-> move weights (one full parameter at a time) -> rebuild the job around it
+with its own settings, carrying the LR schedule -> (bf16: set its fp32 masters)
+-> move Adam moments -> hand back. The job is any :class:`GrowableJob`: a
+user's megatron-core objects (:mod:`mgrow.megatron`), a user's DeepSpeed engine
+(:mod:`mgrow.deepspeed`) or mgrow's own trainer engine (:func:`grow`). The old
+job is not touched until every rank has succeeded: a failure on any rank (an exception in its local work) is agreed on
 after every parameter, raised on every rank as :class:`GrowthError`, and every
 rank keeps its old model and optimizer bit for bit.
 
@@ -23,7 +26,6 @@ its masters from the bf16 parameters, losing the masters' low bits).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -34,8 +36,9 @@ from mgrow.core import faults, memory
 from mgrow.core.errors import ConfigError
 from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan, load_plan
-from mgrow.engine.engines import build_engine
-from mgrow.engine.model import build_gpt, by_global_name
+from mgrow.core.model_config import ModelConfig
+from mgrow.engine.model import by_global_name
+from mgrow.engine.protocols import GrowableJob
 from mgrow.ops import carry_moment
 from mgrow.ops.plan import free_values, grow_one, original_source, steps as bind_steps
 from mgrow.parallel import collectives
@@ -55,53 +58,60 @@ class GrowthReport:
     plan: dict
     masks: Optional[object] = None  # masked growth: this rank's GrowthMasks (mgrow.transforms.masks), at m = 0
     peak_device_bytes: Optional[int] = None  # CUDA: max over ranks of max_memory_allocated during growth
+    model_before: Optional[ModelConfig] = None  # read from the live model
+    model_after: Optional[ModelConfig] = None
 
 
-def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
-         optimizer_state: str = "keep", masked: bool = False):
-    """Grow ``engine`` (a training config ``cfg``) by ``plan``; returns (new engine, new config, report).
+def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
+             optimizer_state: str = "keep", masked: bool = False):
+    """Grow a running job (:class:`~mgrow.engine.protocols.GrowableJob`) by ``plan``; returns (new job, report).
 
-    ``cfg`` may carry new batch sizes: the new engine is built with them.
-    ``check_tokens`` ([b, s] token ids, the same on every TP/PP rank): logits
-    before and after are compared on them. ``keep_old``: leave the old engine
-    usable (tests compare against it); otherwise it is destroyed once growth has
-    succeeded. ``optimizer_state``: ``keep`` carries Adam's moments and step
-    through the index maps, ``reset`` starts a fresh Adam on the grown model.
-    ``masked``: masked structural growth (:mod:`mgrow.transforms.masks`): every new entry a mask covers is drawn
-    at random, and the report's ``masks`` (hooks on the new model at m = 0) keep the function.
+    The model is described from the live model (never from a retyped config), the
+    plan and the job's ability to rebuild itself are checked against it on every
+    rank before anything is built, and the old job is only read until every rank
+    has succeeded. ``check_tokens`` ([b, s] token ids, the same on every TP/PP
+    rank): logits before and after are compared on them. ``keep_old``: leave the
+    old job usable (tests compare against it); otherwise it is destroyed once
+    growth has succeeded. ``optimizer_state``: ``keep`` carries Adam's moments and
+    step through the index maps, ``reset`` starts a fresh Adam on the grown model.
+    ``masked``: masked structural growth (:mod:`mgrow.transforms.masks`): every
+    new entry a mask covers is drawn at random, and the report's ``masks`` (hooks
+    on the new model at m = 0) keep the function.
     """
+    if optimizer_state not in ("keep", "reset"):
+        raise ConfigError("optimizer_state", f"must be keep | reset, got {optimizer_state!r}")
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
-    steps = bind_steps(plan, cfg.model)  # refuses an impossible plan on every rank, before anything changes
+    dims = job.dims
+    agree = Agreement(dims)
+    old_cfg = agree.validate("reading the live model", job.describe)
+    steps = bind_steps(plan, old_cfg)  # refuses an impossible plan on every rank, before anything changes
     grown = steps[-1].grown
-    dims = engine.dims
     try:
         grown.check_layout(dims.tp, dims.pp)
     except ConfigError as error:
         raise ConfigError("plan", f"the grown model does not fit tp={dims.tp}, pp={dims.pp}: {error}") from None
-    new_cfg = dataclasses.replace(cfg, model=grown)
-    agree = Agreement(dims)
+    agree.validate("checking the job can be rebuilt", lambda: job.check_rebuild(grown))
 
-    before = engine.logits(check_tokens) if check_tokens is not None else None
+    before = job.logits(check_tokens) if check_tokens is not None else None
     memory.device_reset_peak(dims.device)
     start = time.perf_counter()
     rng_state = RngState(dims)
-    new_engine = None
+    new_job = None
     try:
-        new_model = agree.run("build", lambda: build_gpt(grown, dims, initialize=False))
-        mover = _Mover(steps, free_values(plan, cfg.model), cfg.model, dims, agree, masked)
-        mover.weights(engine, new_model)
+        new_model = agree.run("build", lambda: job.build_model(grown))
+        mover = _Mover(steps, free_values(plan, old_cfg), old_cfg, dims, agree, masked)
+        mover.weights(job, new_model)
         rng_state.restore()  # building consumed random numbers; training continues on the same stream
-        new_engine = agree.run("engine", lambda: build_engine(new_model, new_cfg, dims))
+        new_job = agree.run("rebuild", lambda: job.rebuild(new_model, grown))
         if grown.bf16:
-            agree.run("fp32 masters", lambda: mover.set_masters(new_engine))
+            agree.run("fp32 masters", lambda: mover.set_masters(new_job))
         if optimizer_state == "keep":
-            mover.moments(engine, new_engine)
-        _carry_schedule(engine, new_engine)
+            mover.moments(job, new_job)
         if masked:
-            growth_masks = agree.run("masks", lambda: GrowthMasks.install(new_engine.module, plan, cfg.model, dims))
+            growth_masks = agree.run("masks", lambda: GrowthMasks.install(new_job.module, plan, old_cfg, dims))
     except BaseException:
-        if new_engine is not None:
-            new_engine.destroy()
+        if new_job is not None:
+            new_job.destroy()
         rng_state.restore()
         raise
     if dims.is_cuda:
@@ -112,12 +122,30 @@ def grow(engine, cfg, plan, *, check_tokens: Optional[torch.Tensor] = None, keep
         peak = int(collectives.reduce_scalar(dims, peak, "max"))
     diff = None
     if check_tokens is not None:
-        diff = _max_abs_diff(dims, before, new_engine.logits(check_tokens))
+        diff = _max_abs_diff(dims, before, new_job.logits(check_tokens))
     if not keep_old:
-        engine.destroy()
-    report = GrowthReport(cfg.model.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
-                          growth_masks if masked else None, peak)
-    return new_engine, new_cfg, report
+        job.destroy()
+    report = GrowthReport(old_cfg.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
+                          growth_masks if masked else None, peak, old_cfg, grown)
+    return new_job, report
+
+
+def grow(engine, cfg, plan, **options):
+    """Grow mgrow's own training engine (``cfg``: its training config, which may carry new batch sizes for the
+    new engine); returns (new engine, new config, report). The same growth as :func:`grow_job`, with a check
+    that the config's model is the live one."""
+    previous = engine.cfg
+    engine.cfg = cfg
+    try:
+        live = Agreement(engine.dims).validate("reading the live model", engine.describe)
+        if live != cfg.model:
+            differ = {k: (v, getattr(live, k)) for k, v in cfg.model.to_dict().items() if getattr(live, k) != v}
+            raise ConfigError("model", f"the training config's model disagrees with the live model: {differ}")
+        new_engine, report = grow_job(engine, plan, **options)
+    except BaseException:
+        engine.cfg = previous
+        raise
+    return new_engine, new_engine.cfg, report
 
 
 class _Mover:
@@ -220,15 +248,6 @@ class _Mover:
                 except Exception as caught:  # noqa: BLE001
                     error = caught
             self.agree.check(error, f"optimizer state of {name}")
-
-
-def _carry_schedule(old, new) -> None:
-    """The LR schedule continues where it was (and DeepSpeed's step counters with it)."""
-    new.scheduler.num_steps = old.scheduler.num_steps
-    new.scheduler.step(increment=0)
-    for counter in ("global_steps", "global_samples"):
-        if hasattr(getattr(old, "engine", None), counter):
-            setattr(new.engine, counter, getattr(old.engine, counter))
 
 
 def _max_abs_diff(dims, before, after) -> float:

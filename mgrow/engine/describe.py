@@ -1,0 +1,222 @@
+"""Read a live megatron-core GPTModel stage into a :class:`~mgrow.core.model_config.ModelConfig`.
+
+Growth of a user's job starts from the model itself, never from a retyped
+description: the sizes and options come from the stage's ``TransformerConfig``
+and ``GPTModel`` attributes, the norm epsilon and the rotary base from the
+modules that use them, and every parameter's shape is then checked against the
+description. A model mgrow cannot grow (not a GPTModel, another layer spec,
+virtual pipeline stages, uneven stages, a config changed after the model was
+built) is refused with a :class:`~mgrow.core.errors.ConfigError` naming what
+disagrees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mgrow.core.errors import ConfigError
+from mgrow.core.model_config import ModelConfig
+from mgrow.core.parameters import parameter_shapes
+from mgrow.engine.model import full_shape, global_names
+from mgrow.parallel import layout as layout_table
+
+SUPPORTED = ("a megatron-core GPTModel built with the local layer spec (get_gpt_layer_local_spec), "
+             "plain, in megatron's Float16Module, in megatron's DistributedDataParallel or in a DeepSpeed engine")
+
+# TransformerConfig options whose models mgrow's operators do not cover yet; (field, value that is supported).
+_UNSUPPORTED_OPTIONS = (
+    ("virtual_pipeline_model_parallel_size", None),
+    ("num_layers_in_first_pipeline_stage", None),
+    ("num_layers_in_last_pipeline_stage", None),
+    ("pipeline_model_parallel_layout", None),
+    ("sequence_parallel", False),
+    ("expert_model_parallel_size", 1),
+    ("multi_latent_attention", False),
+    ("mtp_num_layers", None),
+    ("fp16", False),
+)
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    """A model chunk as the user holds it: the GPTModel and the wrappers around it, outermost first."""
+
+    gpt: object
+    wrappers: tuple[type, ...]
+
+    @property
+    def float16_module(self) -> bool:
+        return any(w.__name__ == "Float16Module" for w in self.wrappers)
+
+
+def unwrap(chunk) -> Unwrapped:
+    """The GPTModel inside ``chunk`` (megatron DDP, Float16Module, a DeepSpeed engine's module), or refuse."""
+    from megatron.core.models.gpt import GPTModel
+
+    wrappers, module = [], chunk
+    while not isinstance(module, GPTModel):
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            held = "" if module is chunk else f"{type(chunk).__name__} holds "
+            raise ConfigError("model", f"{held}a {type(module).__name__} is not a megatron-core GPTModel; mgrow grows "
+                                       f"{SUPPORTED}")
+        wrappers.append(type(module))
+        module = inner
+    return Unwrapped(module, tuple(wrappers))
+
+
+def describe(gpt, dims) -> ModelConfig:
+    """The ModelConfig of this rank's GPTModel stage (``dims``: this rank's :class:`ParallelDims`)."""
+    config = gpt.config
+    _check_options(gpt, dims.tp, dims.pp)
+    gated = bool(config.gated_linear_unit)
+    activation = _activation(config.activation_func, gated)
+    dtype = _dtype(gpt)
+    cfg = ModelConfig(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        vocab_size=gpt.vocab_size,
+        max_sequence_length=gpt.max_sequence_length,
+        num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        ffn_hidden_size=config.ffn_hidden_size,
+        normalization=config.normalization,
+        layernorm_epsilon=_norm_epsilon(gpt),
+        activation=activation,
+        gated_linear_unit=gated,
+        position_embedding_type=gpt.position_embedding_type,
+        rotary_percent=gpt.rotary_percent,
+        rotary_base=_rotary_base(gpt),
+        share_embeddings_and_output_weights=gpt.share_embeddings_and_output_weights,
+        add_bias_linear=config.add_bias_linear,
+        qk_layernorm=config.qk_layernorm,
+        softmax_scale=config.softmax_scale,
+        apply_query_key_layer_scaling=config.apply_query_key_layer_scaling,
+        init_method_std=config.init_method_std,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        bf16=dtype == torch.bfloat16,
+        **_moe(config),
+    )
+    _check_shapes(gpt, cfg, dims)
+    return cfg
+
+
+def _check_options(gpt, tp: int, pp: int) -> None:
+    config = gpt.config
+    if config.tensor_model_parallel_size != tp or config.pipeline_model_parallel_size != pp:
+        raise ConfigError("model.config.tensor_model_parallel_size",
+                          f"the model was built for tp={config.tensor_model_parallel_size}, "
+                          f"pp={config.pipeline_model_parallel_size}; megatron's parallel_state has tp={tp}, pp={pp}")
+    for field, supported in _UNSUPPORTED_OPTIONS:
+        value = getattr(config, field, supported)
+        if value != supported:
+            raise ConfigError(f"model.config.{field}", f"{value!r} is not supported yet (only {supported!r}); "
+                                                       f"mgrow grows {SUPPORTED}")
+    if getattr(gpt, "vp_stage", None) is not None:
+        raise ConfigError("model", "a model chunk of a virtual pipeline stage (vp_stage set) is not supported yet; "
+                                   "pass one model chunk per rank")
+    if getattr(gpt, "mtp_process", False):
+        raise ConfigError("model", "multi-token prediction layers are not supported")
+    if gpt.position_embedding_type not in ("learned_absolute", "rope"):
+        raise ConfigError("model.position_embedding_type",
+                          f"{gpt.position_embedding_type!r} is not supported (learned_absolute | rope)")
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if getattr(gpt, "rotary_scaling", False) or getattr(rotary, "seq_len_interpolation_factor", None):
+        raise ConfigError("model.rope_scaling", "scaled rotary embeddings are not supported yet")
+
+
+def _activation(function, gated: bool) -> str:
+    import torch.nn.functional as F
+
+    if function is F.gelu and not gated:
+        return "gelu"
+    if function is F.silu and gated:
+        return "swiglu"
+    name = getattr(function, "__name__", repr(function))
+    raise ConfigError("model.config.activation_func",
+                      f"{name} with gated_linear_unit={gated} is not supported (F.gelu ungated, or F.silu gated: "
+                      "swiglu)")
+
+
+def _dtype(gpt) -> torch.dtype:
+    dtypes = {param.dtype for param in gpt.parameters()}
+    if dtypes == {torch.float32} or dtypes == {torch.bfloat16}:
+        return dtypes.pop()
+    raise ConfigError("model", f"parameters in {sorted(str(d) for d in dtypes)}: mgrow grows fp32 models and bf16 "
+                               "models whose every parameter is bf16 (megatron's Float16Module, or model.bfloat16())")
+
+
+def _norm_epsilon(gpt) -> float:
+    """The epsilon the norm modules use (the config's is only what they were built with)."""
+    found = {float(module.eps) for module in gpt.modules()
+             if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) and module.eps is not None}
+    if len(found) > 1:
+        raise ConfigError("model.layernorm_epsilon", f"the norms use different epsilons {sorted(found)}")
+    eps = found.pop() if found else float(gpt.config.layernorm_epsilon)
+    if not math.isclose(eps, gpt.config.layernorm_epsilon, rel_tol=1e-6):
+        raise ConfigError("model.config.layernorm_epsilon",
+                          f"{gpt.config.layernorm_epsilon:g}, but the model's norms use {eps:g}: the config was "
+                          "changed after the model was built, and a grown model built from it would differ")
+    return eps
+
+
+def _rotary_base(gpt) -> int:
+    """The base of the rotary frequencies the model uses, cross-checked against ``GPTModel.rotary_base``."""
+    if gpt.position_embedding_type != "rope":
+        return int(gpt.rotary_base)
+    inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
+    dim = 2 * inv_freq.numel()
+    base = float(inv_freq[1] ** (-dim / 2.0)) if inv_freq.numel() > 1 else float(gpt.rotary_base)
+    if not math.isclose(base, gpt.rotary_base, rel_tol=1e-6):
+        raise ConfigError("model.rotary_base", f"GPTModel.rotary_base is {gpt.rotary_base}, but its rotary "
+                                               f"embedding's frequencies have base {base:.6g}")
+    return int(round(base))
+
+
+def _moe(config) -> dict:
+    if not config.num_moe_experts:
+        return {}
+    if config.moe_ffn_hidden_size != config.ffn_hidden_size:
+        raise ConfigError("model.config.moe_ffn_hidden_size",
+                          f"{config.moe_ffn_hidden_size} must equal ffn_hidden_size {config.ffn_hidden_size}")
+    if config.moe_grouped_gemm:
+        raise ConfigError("model.config.moe_grouped_gemm", "grouped GEMM experts are not supported")
+    balancing = config.moe_router_load_balancing_type
+    if balancing not in ("none", "aux_loss"):
+        raise ConfigError("model.config.moe_router_load_balancing_type", f"{balancing!r} is not supported")
+    return dict(
+        num_moe_experts=config.num_moe_experts,
+        moe_router_topk=config.moe_router_topk,
+        moe_router_score_function=config.moe_router_score_function,
+        moe_router_pre_softmax=config.moe_router_pre_softmax,
+        moe_aux_loss_coeff=float(config.moe_aux_loss_coeff) if balancing == "aux_loss" else 0.0,
+    )
+
+
+def _check_shapes(gpt, cfg: ModelConfig, dims) -> None:
+    """Every parameter of the stage is one the description names, with the shape it gives, and none is missing."""
+    tp = dims.tp
+    cfg.check_layout(tp, dims.pp)
+    shapes = parameter_shapes(cfg)
+    seen = set()
+    for local, name, param in global_names(gpt):
+        if name not in shapes:
+            raise ConfigError("model", f"parameter {local} is not one of a GPTModel with this config; mgrow grows "
+                                       f"{SUPPORTED}")
+        layout = layout_table.layout_of(name, cfg.gated_linear_unit)
+        live = full_shape(param, layout, tp)
+        if live != shapes[name]:
+            raise ConfigError("model", f"{local} has full shape {live}, but the model's config gives "
+                                       f"{shapes[name]}: the config does not describe the weights it holds")
+        seen.add(name)
+    expected = {name for name in shapes if dims.pp_rank in layout_table.stages_of(name, cfg, dims.pp)}
+    missing = sorted(expected - seen)
+    if missing:
+        raise ConfigError("model", f"this stage lacks {missing[0]} (and {len(missing) - 1} more) that the config "
+                                   "gives it")
+
