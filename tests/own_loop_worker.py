@@ -84,7 +84,8 @@ def megatron(out_dir: str) -> None:
         model, optimizer, scheduler, example.PLAN, keep_old=True)
     after = logits(grown_model)
     result = {"logit_diff": _max_over_ranks(float((after - before).abs().max())),
-              "report_diff": report.max_abs_logit_diff}
+              "report_diff": report.max_abs_logit_diff, "implements": _implements_protocols(grown_model,
+                                                                                          grown_optimizer)}
 
     fresh_model, fresh_optimizer, fresh_scheduler = example.build(MEGATRON_GROWN, device, STEPS)
     grown_config, fresh_config = _config_fields(grown_model.config), _config_fields(fresh_model.config)
@@ -128,6 +129,17 @@ def megatron(out_dir: str) -> None:
     _write(out_dir, result)
 
 
+def _implements_protocols(model, optimizer) -> bool:
+    """The shipped adapters provide what mgrow/engine/protocols.py says an adapter must."""
+    from mgrow.engine.megatron_job import MegatronJob
+    from mgrow.engine.protocols import GrowableJob, OptimizerState
+    from mgrow.parallel.optimizer_state import DistributedOptimizerState, TorchAdamState, ZeroState, for_megatron
+
+    job = MegatronJob(model, optimizer)
+    return (isinstance(job, GrowableJob) and isinstance(for_megatron(optimizer), OptimizerState)
+            and all(issubclass(cls, OptimizerState) for cls in (TorchAdamState, DistributedOptimizerState, ZeroState)))
+
+
 def _advanced(scheduler, steps: int):
     scheduler.step(increment=steps)
     return scheduler
@@ -160,8 +172,12 @@ def deepspeed(out_dir: str, zero_stage: str) -> None:
     before, old_loss = logits(engine), loss(engine)
     grown, _, _, report = mgrow.deepspeed.grow(engine, example.PLAN, keep_old=True)
     after = logits(grown)
+    from mgrow.engine.deepspeed_job import DeepSpeedJob
+    from mgrow.engine.protocols import GrowableJob
+
     result = {"logit_diff": _max_over_ranks(float((after - before).abs().max())), "old_loss": old_loss,
-              "optimizer_class": [type(grown.basic_optimizer).__name__]}
+              "optimizer_class": [type(grown.basic_optimizer).__name__],
+              "implements": isinstance(DeepSpeedJob(grown), GrowableJob)}
 
     fresh = example.build(DEEPSPEED_GROWN, device, int(zero_stage), STEPS)
     for _ in range(GROW_AT):

@@ -212,7 +212,8 @@ def _reset(baseline: dict) -> None:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from mgrow.engine.engines import release_megatron_ddp, release_zero3_references
+    from mgrow.engine.deepspeed_job import release_zero3_references
+    from mgrow.engine.megatron_job import release_megatron_ddp
     from mgrow.parallel.dims import shutdown
 
     # A model a job left behind (the last one of a training run, one a test worker built) sits in a reference

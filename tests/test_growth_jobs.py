@@ -58,7 +58,8 @@ def test_a_plan_the_layout_cannot_hold_is_refused_on_every_rank(tmp_path):
     plan = {"ops": [{"mlp": {"ffn_hidden_size": 96}}, {"layers": {"num_layers": 3}}]}
     results = run_worker(tmp_path, "failure", 4, TINY, plan, "adam", 2, 2)
     for result in results:
-        assert result["error"] == ("ConfigError: plan: the grown model does not fit tp=2, pp=2: model.num_layers: "
+        # GrowthRefused: a ConfigError (field, rule) and a GrowthError, raised before anything changed
+        assert result["error"] == ("GrowthRefused: plan: the grown model does not fit tp=2, pp=2: model.num_layers: "
                                    "3 layers must be divisible by pipeline parallel size 2"), result
         assert result["unchanged"] and result["compared"] > 0, result
 

@@ -36,6 +36,7 @@ def _same_schedule(grown_lr, fresh_lr):
 def test_megatron_example_grows_at_tp2_dp2_with_the_users_settings(tmp_path):
     for rank in _run(tmp_path, 4, "megatron"):
         assert rank["logit_diff"] <= TOL and rank["report_diff"] is None
+        assert rank["implements"]
         # the one field growth changes beyond the sizes: hidden growth of an RMSNorm model scales the norm
         # epsilon by h / h' (GROWTH_MATH, "hidden"), 64 -> 96 here
         assert list(rank["config_differs"]) == ["layernorm_epsilon"]
@@ -56,7 +57,7 @@ def test_megatron_example_grows_at_tp2_dp2_with_the_users_settings(tmp_path):
 @pytest.mark.parametrize("zero_stage", ["2", "3"])
 def test_deepspeed_example_grows_at_dp2_with_the_users_settings(tmp_path, zero_stage):
     for rank in _run(tmp_path, 2, "deepspeed", zero_stage):
-        assert rank["logit_diff"] <= TOL
+        assert rank["logit_diff"] <= TOL and rank["implements"]
         assert rank["optimizer_class"][0] == rank["optimizer_class"][1]
         # hidden growth 64 -> 96 with mean padding scales the LayerNorm epsilon by h / h' (GROWTH_MATH, "hidden")
         assert list(rank["config_differs"]) == ["layernorm_epsilon"]
@@ -82,21 +83,21 @@ def test_example_scripts_run_and_grow(tmp_path, which, nproc, argv):
 
 
 MEGATRON_REFUSALS = {  # case: (error type, words the message must hold)
-    "plan_shrinks": ("ConfigError", "ffn_hidden_size"),
-    "config_ffn_retyped": ("ConfigError", "linear_fc1.weight"),
-    "config_eps_retyped": ("ConfigError", "layernorm_epsilon"),
-    "rotary_base_retyped": ("ConfigError", "rotary_base"),
-    "foreign_optimizer": ("ConfigError", "optimizer: the optimizer was not built for this model"),
-    "foreign_scheduler": ("ConfigError", "scheduler: the scheduler steps another optimizer"),
-    "scheduler_kind": ("ConfigError", "LambdaLR cannot be rebuilt"),
-    "virtual_pipeline": ("ConfigError", "virtual pipeline"),
+    "plan_shrinks": ("GrowthRefused", "ffn_hidden_size"),
+    "config_ffn_retyped": ("GrowthRefused", "linear_fc1.weight"),
+    "config_eps_retyped": ("GrowthRefused", "layernorm_epsilon"),
+    "rotary_base_retyped": ("GrowthRefused", "rotary_base"),
+    "foreign_optimizer": ("GrowthRefused", "optimizer: the optimizer was not built for this model"),
+    "foreign_scheduler": ("GrowthRefused", "scheduler: the scheduler steps another optimizer"),
+    "scheduler_kind": ("GrowthRefused", "LambdaLR cannot be rebuilt"),
+    "virtual_pipeline": ("GrowthRefused", "virtual pipeline"),
     "config_overrides": ("GrowthError", "pass the config_overrides"),
 }
 DEEPSPEED_REFUSALS = {
-    "not_a_gpt": ("ConfigError", "not a megatron-core GPTModel"),
-    "scheduler_object": ("ConfigError", "lr_scheduler"),
-    "split_role": ("ConfigError", "optimizer.param_groups"),
-    "plan_shrinks": ("ConfigError", "hidden_size"),
+    "not_a_gpt": ("GrowthRefused", "not a megatron-core GPTModel"),
+    "scheduler_object": ("GrowthRefused", "lr_scheduler"),
+    "split_role": ("GrowthRefused", "optimizer.param_groups"),
+    "plan_shrinks": ("GrowthRefused", "hidden_size"),
 }
 
 

@@ -21,3 +21,8 @@ class CheckpointError(ConfigError):
 class GrowthError(RuntimeError):
     """A growth (or fusion) failed on some rank; raised on every rank, each of which kept its old model and
     optimizer."""
+
+
+class GrowthRefused(ConfigError, GrowthError):
+    """A growth refused before anything changed, for the same reason on every rank: a ConfigError (``field``,
+    ``rule``) that is also a GrowthError, so ``except GrowthError`` catches every failed growth."""

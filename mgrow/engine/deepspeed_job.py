@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import inspect
 from typing import Callable, Optional
 
@@ -54,8 +55,17 @@ class DeepSpeedJob:
         self.engine = engine
         self.lr_scheduler_factory = lr_scheduler
         self._config = config
-        self.unwrapped = unwrap(engine.module)
-        self.dims = dims if dims is not None else ParallelDims.of_running_job(engine.device)
+        device = getattr(engine, "device", None) or torch.device("cpu")
+        self.dims = dims if dims is not None else ParallelDims.of_running_job(torch.device(device))
+
+    @functools.cached_property
+    def unwrapped(self):
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        if not isinstance(self.engine, DeepSpeedEngine):
+            raise ConfigError("engine", f"a {type(self.engine).__name__}: pass the engine deepspeed.initialize "
+                                        "returned")
+        return unwrap(self.engine.module)
 
     @property
     def module(self):

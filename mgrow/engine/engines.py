@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from mgrow.engine import ds_mpu, param_groups, schedulers
-from mgrow.engine.deepspeed_job import DeepSpeedJob, release_zero3_references  # noqa: F401 (re-exported)
-from mgrow.engine.megatron_job import MegatronJob, release_megatron_ddp  # noqa: F401 (re-exported)
+from mgrow.engine.deepspeed_job import DeepSpeedJob
+from mgrow.engine.megatron_job import MegatronJob
 from mgrow.engine.steps import forward_step
 
 

@@ -41,23 +41,25 @@ class MegatronJob:
     """The user's model chunk (one per rank), megatron optimizer and OptimizerParamScheduler (or None)."""
 
     def __init__(self, model, optimizer, scheduler=None, *, config_overrides=None, dims: Optional[ParallelDims] = None):
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.as_list = isinstance(model, (list, tuple))
+        self.ddp = self.chunks[0] if self.chunks else None
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.config_overrides = config_overrides
+        self.dims = dims if dims is not None else ParallelDims.of_running_job(_device(self.ddp))
+
+    @functools.cached_property
+    def unwrapped(self):
+        """The GPTModel and its wrappers (refuses what is not a DDP-wrapped GPTModel chunk)."""
         from megatron.core.distributed import DistributedDataParallel
 
-        chunks = model if isinstance(model, (list, tuple)) else [model]
-        if len(chunks) != 1:
-            raise ConfigError("model", f"{len(chunks)} model chunks: virtual pipeline stages are not supported yet; "
-                                       "pass the rank's one model chunk")
-        if not isinstance(chunks[0], DistributedDataParallel):
-            raise ConfigError("model", f"a {type(chunks[0]).__name__}: a megatron optimizer's model must be wrapped "
+        if len(self.chunks) != 1:
+            raise ConfigError("model", f"{len(self.chunks)} model chunks: virtual pipeline stages are not supported "
+                                       "yet; pass the rank's one model chunk")
+        if not isinstance(self.ddp, DistributedDataParallel):
+            raise ConfigError("model", f"a {type(self.ddp).__name__}: a megatron optimizer's model must be wrapped "
                                        "in megatron.core.distributed.DistributedDataParallel")
-        self.ddp, self.optimizer, self.scheduler = chunks[0], optimizer, scheduler
-        self.config_overrides = config_overrides
-        self.as_list = isinstance(model, (list, tuple))
-        self.unwrapped = unwrap(self.ddp)
-        self.dims = dims if dims is not None else ParallelDims.of_running_job(self._device())
-
-    def _device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return unwrap(self.ddp)
 
     @property
     def module(self):
@@ -69,7 +71,7 @@ class MegatronJob:
         return [self.ddp] if self.as_list else self.ddp
 
     def describe(self) -> ModelConfig:
-        cfg = describe(self.module, self.dims)
+        cfg = describe(self.module, self.dims)  # self.module: refuses what is not a DDP-wrapped GPTModel
         foreign = _foreign(self.optimizer, self.ddp)
         if foreign:
             raise ConfigError("optimizer", f"the optimizer was not built for this model: {foreign}")
@@ -153,6 +155,14 @@ class MegatronJob:
 
     def destroy(self) -> None:
         release_megatron_ddp(self.ddp)
+
+
+def _device(chunk) -> torch.device:
+    """The device of a model chunk's parameters (where there are none yet to read, the default device)."""
+    if isinstance(chunk, torch.nn.Module):
+        for param in chunk.parameters():
+            return param.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _foreign(optimizer, ddp) -> str:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mgrow.core.errors import ConfigError, GrowthError
+from mgrow.core.errors import ConfigError, GrowthError, GrowthRefused
 from mgrow.parallel import collectives
 
 
@@ -32,8 +32,9 @@ class Agreement:
                           "optimizer") from error
 
     def validate(self, what: str, fn):
-        """``run`` for a check of the inputs: when every rank refused them with the same ConfigError, that
-        error is raised on every rank (it names the field and the rule); any other failure is a GrowthError."""
+        """``run`` for a check of the inputs: when every rank refused them with the same ConfigError, it is
+        raised on every rank as :class:`GrowthRefused` (naming the field and the rule); any other failure is a
+        GrowthError."""
         result, error = None, None
         try:
             result = fn()
@@ -43,7 +44,7 @@ class Agreement:
             return result
         mine = f"{type(error).__name__}: {error}" if isinstance(error, ConfigError) else None
         if len(set(collectives.gather_objects(mine))) == 1 and mine is not None:
-            raise error
+            raise GrowthRefused(error.field, error.rule) from error
         self.check(error, what)
 
     def run(self, what: str, fn):

@@ -84,12 +84,8 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
     dims = job.dims
     agree = Agreement(dims)
     old_cfg = agree.validate("reading the live model", job.describe)
-    steps = bind_steps(plan, old_cfg)  # refuses an impossible plan on every rank, before anything changes
+    steps = agree.validate("checking the plan", lambda: _bound_steps(plan, old_cfg, dims))
     grown = steps[-1].grown
-    try:
-        grown.check_layout(dims.tp, dims.pp)
-    except ConfigError as error:
-        raise ConfigError("plan", f"the grown model does not fit tp={dims.tp}, pp={dims.pp}: {error}") from None
     agree.validate("checking the job can be rebuilt", lambda: job.check_rebuild(grown))
 
     before = job.logits(check_tokens) if check_tokens is not None else None
@@ -128,6 +124,16 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
     report = GrowthReport(old_cfg.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
                           growth_masks if masked else None, peak, old_cfg, grown)
     return new_job, report
+
+
+def _bound_steps(plan: Plan, old_cfg: ModelConfig, dims):
+    """The plan's steps on this model; refuses an impossible plan, or a grown model the layout cannot hold."""
+    steps = bind_steps(plan, old_cfg)
+    try:
+        steps[-1].grown.check_layout(dims.tp, dims.pp)
+    except ConfigError as error:
+        raise ConfigError("plan", f"the grown model does not fit tp={dims.tp}, pp={dims.pp}: {error}") from None
+    return steps
 
 
 def grow(engine, cfg, plan, **options):
