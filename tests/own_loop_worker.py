@@ -192,6 +192,8 @@ def deepspeed(out_dir: str, zero_stage: str) -> None:
     result["groups"] = [_settings(grown.optimizer.param_groups), _settings(fresh.optimizer.param_groups)]
     result["scheduler"] = [grown.lr_scheduler.state_dict(), fresh.lr_scheduler.state_dict()]
     result["counters"] = [[getattr(e, c) for c in ("global_steps", "global_samples")] for e in (engine, grown)]
+    result["adam_steps"] = [sorted({int(s["step"]) for s in getattr(e.optimizer, "optimizer", e.optimizer).state.values()
+                                    if "step" in s}) for e in (engine, grown)]
     gathered = GatheredParameters(list(grown.module.parameters()))
     into = GatheredParameters(list(fresh.module.parameters()), modifier_rank=0)
     with gathered, into, torch.no_grad():

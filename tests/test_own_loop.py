@@ -54,7 +54,7 @@ def test_megatron_example_grows_at_tp2_dp2_with_the_users_settings(tmp_path):
         _same_schedule(rank["grown_lr"], rank["fresh_lr"])
 
 
-@pytest.mark.parametrize("zero_stage", ["2", "3"])
+@pytest.mark.parametrize("zero_stage", ["0", "2", "3"])
 def test_deepspeed_example_grows_at_dp2_with_the_users_settings(tmp_path, zero_stage):
     for rank in _run(tmp_path, 2, "deepspeed", zero_stage):
         assert rank["logit_diff"] <= TOL and rank["implements"]
@@ -66,6 +66,9 @@ def test_deepspeed_example_grows_at_dp2_with_the_users_settings(tmp_path, zero_s
         assert [g["weight_decay"] for g in rank["groups"][0]] == [0.1, 0.0]
         assert rank["scheduler"][0] == rank["scheduler"][1]
         assert rank["counters"][0] == rank["counters"][1]
+        # DeepSpeed's FusedAdam counts steps in the last parameter of each list it steps together (at ZeRO 0
+        # the others stay 0); after growth every parameter's state holds the count, 3
+        assert max(rank["adam_steps"][0]) == 3 and rank["adam_steps"][1] == [3]
         assert abs(rank["grown_loss_now"] - rank["fresh_loss"]) <= 1e-6
         assert abs(rank["grown_loss_now"] - rank["old_loss"]) <= TOL
         _same_schedule(rank["grown_lr"], rank["fresh_lr"])

@@ -79,10 +79,16 @@ def _init_adam(inner: torch.optim.Optimizer, step: torch.Tensor, keys_and_likes)
             group["step"] = int(step)
 
 
-def _first_step(inner: torch.optim.Optimizer) -> Optional[torch.Tensor]:
-    for state in inner.state.values():
-        if "step" in state:
-            return torch.as_tensor(state["step"], device="cpu").detach().clone()
+def _adam_step(inner: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+    """Adam's step count: the largest per-parameter step, else the group's.
+
+    The largest, not the first: DeepSpeed's FusedAdam increments only the state of the last parameter of each
+    dtype list it steps together (fused_adam.py:178-190) and passes that count to the kernel for all of them;
+    with many parameters per group (ZeRO stage 0) the others keep the count they started with.
+    """
+    steps = [float(state["step"]) for state in inner.state.values() if "step" in state]
+    if steps:
+        return torch.tensor(max(steps), dtype=torch.float32, device="cpu")
     for group in inner.param_groups:
         if "step" in group:
             return torch.tensor(float(group["step"]), dtype=torch.float32, device="cpu")
@@ -113,7 +119,7 @@ class TorchAdamState:
         return self.inner.state[self._main(param)][key]
 
     def step(self) -> Optional[torch.Tensor]:
-        return _first_step(self.inner)
+        return _adam_step(self.inner)
 
     def init(self, step: torch.Tensor) -> None:
         _init_adam(self.inner, step, [(param, param) for group in self.inner.param_groups for param in group["params"]])
@@ -236,7 +242,7 @@ class ZeroState:
         return safe_get_full_optimizer_state(param, key)
 
     def step(self) -> Optional[torch.Tensor]:
-        return _first_step(self.inner)
+        return _adam_step(self.inner)
 
     def init(self, step: torch.Tensor) -> None:
         _init_adam(self.inner, step, [(flat, flat) for flat in self._flats()])
