@@ -74,7 +74,9 @@ CASES = [
     Case("groups incompatible with TP", "model.num_query_groups: 6 query groups and tensor parallel size 4: one must divide the other",
          {"parallel": {"tp": 4}, "model": {"num_attention_heads": 12, "num_query_groups": 6, "kv_channels": 8}},
          ranks=4),
-    Case("layers not divisible by PP", "model.num_layers: 3 layers must be divisible by pipeline parallel size 2", {"parallel": {"pp": 2}, "model": {"num_layers": 3}}),
+    Case("a pipeline split megatron refuses", "model.num_layers_in_first_pipeline_stage: first 1 + last 1 layers must be all 3 layers at pp = 2",
+         {"parallel": {"pp": 2}, "model": {"num_layers": 3, "num_layers_in_first_pipeline_stage": 1,
+                                           "num_layers_in_last_pipeline_stage": 1}}),
     Case("vocabulary smaller than the byte corpus", "model.vocab_size: the byte-level corpus needs >= 256 tokens",
          {"model": {"vocab_size": 128}}),
     # training configs

@@ -55,12 +55,13 @@ def test_a_failure_on_one_rank_leaves_every_rank_as_it_was(tmp_path, optimizer, 
 
 
 def test_a_plan_the_layout_cannot_hold_is_refused_on_every_rank(tmp_path):
-    plan = {"ops": [{"mlp": {"ffn_hidden_size": 96}}, {"layers": {"num_layers": 3}}]}
+    plan = {"ops": [{"mlp": {"ffn_hidden_size": 96}}, {"heads": {"num_attention_heads": 6, "num_query_groups": 3}}]}
     results = run_worker(tmp_path, "failure", 4, TINY, plan, "adam", 2, 2)
     for result in results:
         # GrowthRefused: a ConfigError (field, rule) and a GrowthError, raised before anything changed
-        assert result["error"] == ("GrowthRefused: plan: the grown model does not fit tp=2, pp=2: model.num_layers: "
-                                   "3 layers must be divisible by pipeline parallel size 2"), result
+        assert result["error"] == ("GrowthRefused: plan: the grown model does not fit tp=2, pp=2: "
+                                   "model.num_query_groups: 3 query groups and tensor parallel size 2: one must "
+                                   "divide the other"), result
         assert result["unchanged"] and result["compared"] > 0, result
 
 

@@ -9,7 +9,7 @@ arguments that build it, at a given tensor/pipeline layout.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mgrow.core.errors import ConfigError
@@ -18,6 +18,8 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Keys that say how the model is laid out, not what it computes (left out of ==).
+LAYOUT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class ModelConfig:
     moe_router_score_function: str = "softmax"  # softmax | sigmoid
     moe_router_pre_softmax: bool = False  # False: softmax over the top-k logits, so the k weights sum to 1
     moe_aux_loss_coeff: float = 0.0  # > 0: megatron's "aux_loss" load balancing with this coefficient
+    # The pipeline split (mgrow.core.stages): layers on the first / last stage, as megatron-core takes them.
+    # None: even, or the most balanced split when pp does not divide the layers. Layout, not function: two
+    # configs that differ only here describe the same model (a checkpoint resumes at any split).
+    num_layers_in_first_pipeline_stage: Optional[int] = field(default=None, compare=False)
+    num_layers_in_last_pipeline_stage: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -215,13 +222,29 @@ class ModelConfig:
             raise ConfigError(
                 "model.vocab_size", f"{self.vocab_size} must be divisible by tensor parallel size {tp}"
             )
-        if self.num_layers % pp:
-            raise ConfigError(
-                "model.num_layers", f"{self.num_layers} layers must be divisible by pipeline parallel size {pp}"
-            )
+        self.stage_split(pp)
         if self.is_moe and self.add_bias_linear and tp > 1:
             raise ConfigError("model.add_bias_linear", "megatron-core's MoE experts have biases only when the "
                                                        f"experts are not tensor parallel; tp = {tp}")
+
+    def stage_split(self, pp: int):
+        """This model's layers over ``pp`` pipeline stages (:mod:`mgrow.core.stages`); refuses a split megatron-core
+        would refuse, naming the key."""
+        from mgrow.core.stages import split
+
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if pp == 1:
+            first = last = None  # a stage split means nothing at pp = 1 (a checkpoint split at pp > 1 resumes there)
+        return split(self.num_layers, pp, first, last)
+
+    def at_pipeline(self, pp: int) -> "ModelConfig":
+        """This model at pipeline size ``pp``: with its own split where it fits, else with none (even or most
+        balanced). A checkpoint's split is its layout's; a job on another layout picks its own."""
+        try:
+            self.stage_split(pp)
+            return self
+        except ConfigError:
+            return self.replace(num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
 
     def transformer_config(self, tp: int = 1, pp: int = 1, **overrides):
         """The megatron-core ``TransformerConfig`` for this model at TP=tp, PP=pp (CPU friendly)."""
@@ -250,6 +273,7 @@ class ModelConfig:
             attention_dropout=self.attention_dropout,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            **self.stage_split(pp).megatron_kwargs(),
             bf16=self.bf16,
             params_dtype=self.dtype,
             pipeline_dtype=self.dtype,

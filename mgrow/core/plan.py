@@ -30,7 +30,7 @@ import yaml
 
 from mgrow.core.defaults import DEFAULT_SEED
 from mgrow.core.errors import ConfigError
-from mgrow.core.model_config import ModelConfig
+from mgrow.core.model_config import LAYOUT_KEYS, ModelConfig
 
 HIDDEN_METHODS = ("auto", "zero", "mean", "replicate")
 
@@ -148,15 +148,26 @@ def layer_order(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers:
     return order + [None] * (total - inserted)
 
 
-def layers_target(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None) -> ModelConfig:
-    return replace_config(cfg, "layers", "num_layers", num_layers=len(layer_order(cfg, insert_before, num_layers)))
+def layers_target(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None,
+                  num_layers_in_first_pipeline_stage: Optional[int] = None,
+                  num_layers_in_last_pipeline_stage: Optional[int] = None) -> ModelConfig:
+    """More layers; the pipeline split of the grown model is the one given (megatron-core's first/last stage
+    sizes, checked against the job's pipeline size when the plan meets a layout) or, by default, the even or
+    most balanced one (:mod:`mgrow.core.stages`)."""
+    for key, value in (("num_layers_in_first_pipeline_stage", num_layers_in_first_pipeline_stage),
+                       ("num_layers_in_last_pipeline_stage", num_layers_in_last_pipeline_stage)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"layers.{key}", f"must be a positive integer, got {value!r}")
+    return replace_config(cfg, "layers", "num_layers", num_layers=len(layer_order(cfg, insert_before, num_layers)),
+                          num_layers_in_first_pipeline_stage=num_layers_in_first_pipeline_stage,
+                          num_layers_in_last_pipeline_stage=num_layers_in_last_pipeline_stage)
 
 
 def fused_config(a: ModelConfig, b: ModelConfig, field: str = "--b") -> ModelConfig:
     """The target of Deep Fusion (:mod:`mgrow.ops.fusion`): twice the hidden width, heads, query groups and MLP
     of two models of one config; refuses two models whose configs differ (``field`` names the second one)."""
     for key, value in a.to_dict().items():
-        if getattr(b, key) != value:
+        if getattr(b, key) != value and key not in LAYOUT_KEYS:
             raise ConfigError(f"{field}: model.{key}", f"fusion needs two models of one config: {getattr(b, key)!r} "
                                                        f"here, {value!r} in the first model")
     return a.replace(
@@ -180,7 +191,8 @@ OPERATORS = {
     "heads": Operator(heads_target, ("num_attention_heads",), ("num_query_groups",)),
     "head_dim": Operator(head_dim_target, ("kv_channels",)),
     "hidden": Operator(hidden_target, ("hidden_size",), ("method",)),
-    "layers": Operator(layers_target, (), ("insert_before", "num_layers")),
+    "layers": Operator(layers_target, (), ("insert_before", "num_layers", "num_layers_in_first_pipeline_stage",
+                                           "num_layers_in_last_pipeline_stage")),
 }
 
 

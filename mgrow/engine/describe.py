@@ -29,9 +29,9 @@ SUPPORTED = ("a megatron-core GPTModel built with the local layer spec (get_gpt_
 # TransformerConfig options whose models mgrow's operators do not cover yet; (field, value that is supported).
 _UNSUPPORTED_OPTIONS = (
     ("virtual_pipeline_model_parallel_size", None),
-    ("num_layers_in_first_pipeline_stage", None),
-    ("num_layers_in_last_pipeline_stage", None),
     ("pipeline_model_parallel_layout", None),
+    ("account_for_embedding_in_pipeline_split", False),
+    ("account_for_loss_in_pipeline_split", False),
     ("sequence_parallel", False),
     ("expert_model_parallel_size", 1),
     ("multi_latent_attention", False),
@@ -100,6 +100,8 @@ def describe(gpt, dims) -> ModelConfig:
         hidden_dropout=config.hidden_dropout,
         attention_dropout=config.attention_dropout,
         bf16=dtype == torch.bfloat16,
+        num_layers_in_first_pipeline_stage=config.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=config.num_layers_in_last_pipeline_stage,
         **_moe(config),
     )
     _check_shapes(gpt, cfg, dims)

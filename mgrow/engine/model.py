@@ -55,8 +55,8 @@ TRANSFORMER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_q
 
 
 def grown_transformer_config(config, grown: ModelConfig):
-    """A live model's TransformerConfig with the grown model's values (sizes, and the norm epsilon a hidden
-    growth rescales); every other field kept. A new object.
+    """A live model's TransformerConfig with the grown model's values (sizes, the norm epsilon a hidden growth
+    rescales, the pipeline split); every other field kept. A new object.
 
     An ``output_layer_init_method`` that megatron derived from the old layer count (std / sqrt(2 L)) is derived
     again from the new one, as a fresh build of the grown size would; one the user set is kept.
@@ -64,6 +64,7 @@ def grown_transformer_config(config, grown: ModelConfig):
     import dataclasses
 
     values = {name: getattr(grown, name) for name in TRANSFORMER_FIELDS}
+    values.update(grown.stage_split(config.pipeline_model_parallel_size).megatron_kwargs())
     if grown.is_moe:
         values["moe_ffn_hidden_size"] = grown.ffn_hidden_size
     if _derived_output_init(config):

@@ -36,6 +36,7 @@ class GrowCheckpoint:
 def main(args) -> int:
     folder, metadata, model = open_checkpoint(args.source, "--in")
     tp, pp, dp = checkpoint_job_layout(args, metadata["layout"])
+    model = model.at_pipeline(pp)
     try:
         plan = load_plan(args.plan)
         grown = plan.validate(model)[-1]

@@ -44,12 +44,16 @@ def grow_layers(
     num_layers: Optional[int] = None,
     *,
     rng: FreeValues,
+    **stage_split,
 ) -> GrowthResult:
-    return apply_step(step(cfg, insert_before, num_layers), state, rng, OP)
+    return apply_step(step(cfg, insert_before, num_layers, **stage_split), state, rng, OP)
 
 
-def step(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None) -> "LayerInsert":
-    return LayerInsert(cfg, layers_target(cfg, insert_before, num_layers), tuple(layer_order(cfg, insert_before, num_layers)))
+def step(cfg: ModelConfig, insert_before: Sequence[int] = (), num_layers: Optional[int] = None,
+         **stage_split) -> "LayerInsert":
+    """``stage_split``: the grown model's first/last pipeline stage sizes (:func:`mgrow.core.plan.layers_target`)."""
+    return LayerInsert(cfg, layers_target(cfg, insert_before, num_layers, **stage_split),
+                       tuple(layer_order(cfg, insert_before, num_layers)))
 
 
 @dataclass(frozen=True)

@@ -82,14 +82,15 @@ def tp_merge(shards: list[torch.Tensor], layout: TensorLayout) -> torch.Tensor:
 
 
 def stages_of(name: str, cfg: ModelConfig, pp: int) -> tuple[int, ...]:
-    """The pipeline stages holding global parameter ``name`` (layers split evenly, megatron's default).
+    """The pipeline stages holding global parameter ``name``: a layer's stage follows the model's split
+    (:meth:`ModelConfig.stage_split`, even or uneven).
 
     With tied embeddings and pp > 1 the last stage keeps its own copy of the word
     embedding as its output layer (megatron-core ``LanguageModule``).
     """
     index = layer_index(name)
     if index is not None:
-        return (index // (cfg.num_layers // pp),)
+        return (cfg.stage_split(pp).stage_of(index),)
     if name == "embedding.word_embeddings.weight" and cfg.share_embeddings_and_output_weights and pp > 1:
         return (0, pp - 1)
     if name.startswith("embedding."):

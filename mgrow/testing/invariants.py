@@ -144,6 +144,7 @@ def growth_check(model: ModelConfig, plans: list[Plan], dims, optimizer: str, se
             "bf16": model.bf16,
             "params_before": report.params_before,
             "params_after": report.params_after,
+            "stages": [list(report.stages_before), list(report.stages_after)],
             "max_abs_logit_diff": report.max_abs_logit_diff,
             "max_abs_logit": max_abs_logit,
             "logit_tol": logit_tol,

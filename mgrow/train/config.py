@@ -17,6 +17,7 @@ import yaml
 from mgrow.core.defaults import DEFAULT_SEED
 from mgrow.core.errors import ConfigError
 from mgrow.core.model_config import ModelConfig
+from mgrow.core.stages import FIRST, LAST
 from mgrow.parallel import device
 from mgrow.parallel.device import check_world
 from mgrow.train import schedule
@@ -35,6 +36,10 @@ class ParallelConfig:
     timeout_minutes: float = 10.0  # rendezvous and collectives (Megatron-LM's --distributed-timeout-minutes)
     device: str = "auto"  # auto (CUDA when torch sees a GPU) | cpu | cuda: where every rank's tensors live
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo (ranks sharing one GPU)
+    # The pipeline split of the model this job starts from (the config's model, or the checkpoint's when it
+    # resumes), as megatron-core's first/last stage sizes; None: the model's own, else even or most balanced.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,13 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.model.vocab_size < 256:
         raise ConfigError("model.vocab_size", f"the byte-level corpus needs >= 256 tokens, got {cfg.model.vocab_size}")
     cfg.model.check_layout(cfg.parallel.tp, cfg.parallel.pp)
+    for key in (FIRST, LAST):
+        value = getattr(cfg.parallel, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"parallel.{key}", f"must be a positive integer, got {value!r}")
+        if cfg.parallel.pp == 1 and (value is not None or getattr(cfg.model, key) is not None):
+            where = "parallel" if value is not None else "model"
+            raise ConfigError(f"{where}.{key}", "a first/last pipeline stage size needs parallel.pp > 1")
     if cfg.model.is_moe and cfg.parallel.tp > 1:
         # megatron's MoE layer trains at TP > 1 only with sequence parallelism, which the local spec's
         # torch norms (WrappedTorchNorm, no Apex / Transformer Engine) refuse
@@ -216,6 +228,22 @@ def _validate(cfg: TrainConfig) -> None:
                                          f"parallelism for MoE with tensor parallelism); got {cfg.parallel.tp}")
     if not cfg.data.sources:
         check_corpus(cfg.data.path)
+
+
+def with_pipeline_split(model: ModelConfig, parallel: ParallelConfig, resumed: bool) -> ModelConfig:
+    """``model`` with the pipeline split this job runs it at: ``parallel``'s first/last stage sizes when given
+    (refused, naming them, when they do not fit the model); else the model's own; a resumed checkpoint's own
+    split that does not fit this job's pp gives way to the even or most balanced one."""
+    first, last = getattr(parallel, FIRST), getattr(parallel, LAST)
+    if first is not None or last is not None:
+        split = model.replace(**{FIRST: first, LAST: last})
+        try:
+            split.check_layout(parallel.tp, parallel.pp)
+        except ConfigError as error:
+            raise ConfigError(error.field.replace("model.", "parallel.", 1),
+                              f"{error.rule} (the model this job starts from has {model.num_layers} layers)") from None
+        return split
+    return model.at_pipeline(parallel.pp) if resumed else model
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

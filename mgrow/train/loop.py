@@ -18,7 +18,7 @@ from mgrow.core.plan import load_plan
 from mgrow.engine.engines import build_engine, global_mean_loss
 from mgrow.engine.model import build_gpt
 from mgrow.parallel.dims import ParallelDims, init_distributed
-from mgrow.train.config import TrainConfig
+from mgrow.train.config import TrainConfig, with_pipeline_split
 from mgrow.train.data import TokenWindows, ensure_corpus
 from mgrow.train.metrics import RunLog
 from mgrow.train.resume import find_resume
@@ -70,14 +70,15 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_world(world)  # refuse before any process group exists
     resume = find_resume(cfg)  # a bad checkpoint is refused here too, on every rank
+    start = cfg if resume is None else resume.cfg
+    start = dataclasses.replace(start, model=with_pipeline_split(start.model, start.parallel, resume is not None))
     if cfg.data.sources:
         ensure_corpus(cfg.data.path, cfg.data.sources)
     p = cfg.parallel
     dims = dims or init_distributed(p.tp, p.pp, cfg.train.seed, timeout_s=60 * p.timeout_minutes, device=p.device,
                                     backend=p.backend)
     progress = Progress() if resume is None else resume.progress
-    if resume is not None:
-        cfg = resume.cfg
+    cfg = start
     t = cfg.train
     train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, dims,
                             progress.first_step, progress.first_sample)
@@ -100,7 +101,8 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
     if leader:
         log(
             f"mgrow: {cfg.model.num_parameters():,} parameters | tp={dims.tp} pp={dims.pp} dp={dims.dp} "
-            f"| {dims.device.type} ({dims.backend}) | optimizer {cfg.optimizer.type} "
+            + (f"(stages of {list(cfg.model.stage_split(dims.pp).layers)} layers) " if dims.pp > 1 else "")
+            + f"| {dims.device.type} ({dims.backend}) | optimizer {cfg.optimizer.type} "
             f"| global batch {t.global_batch_size} x {t.seq_length} tokens"
         )
         if resume is not None:
@@ -142,7 +144,9 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
             if leader:
                 log(f"step {step:>5}/{t.steps} | grew {record['params_before']:,} -> {record['params_after']:,} "
                     f"parameters in {record['growth_seconds']:.2f} s | held-batch loss "
-                    f"{record['held_loss_before']:.6f} -> {record['held_loss_after']:.6f}")
+                    f"{record['held_loss_before']:.6f} -> {record['held_loss_after']:.6f}"
+                    + (f" | pipeline stages {record['stages_before']} -> {record['stages_after']} layers"
+                       if record["stages_before"] != record["stages_after"] else ""))
         if progress.rewarm is not None:
             since, length = step - progress.rewarm[0], progress.rewarm[1]
             engine.scale_lr(min(1.0, (since + 1) / length))
@@ -228,6 +232,7 @@ def grow_at(event, engine, cfg: TrainConfig, held: list[torch.Tensor], step: int
     after = global_mean_loss(engine.eval_step(held), dims)
     record = dict(event="growth", step=step, tokens=tokens, plan=report.plan, params_before=report.params_before,
                   params_after=report.params_after, max_abs_logit_diff=report.max_abs_logit_diff,
+                  stages_before=list(report.stages_before), stages_after=list(report.stages_after),
                   held_loss_before=before, held_loss_after=after, growth_seconds=report.growth_seconds,
                   peak_rss_bytes=memory.rss_peak_process(), peak_device_bytes=report.peak_device_bytes,
                   optimizer_state=event.optimizer_state,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mgrow.checkpoint.files import Progress
 from mgrow.checkpoint.state import load
+from mgrow.core.model_config import ModelConfig
 from mgrow.engine.engines import build_engine
 from mgrow.engine.model import build_gpt
 from mgrow.train.config import TrainConfig, from_dict
@@ -13,7 +14,8 @@ def training_config(metadata: dict, dims) -> TrainConfig:
     """The config a checkpoint was saved with, on this job's layout and device, without its schedule,
     checkpoints or W&B."""
     parallel = {"tp": dims.tp, "pp": dims.pp, "device": dims.device.type, "backend": dims.backend}
-    raw = {**metadata["config"], "model": metadata["model"], "parallel": parallel,
+    model = ModelConfig.from_dict(metadata["model"]).at_pipeline(dims.pp).to_dict()
+    raw = {**metadata["config"], "model": model, "parallel": parallel,
            "growth": None, "wandb": None, "checkpoint": {}}
     raw["train"] = {**raw["train"], "metrics_path": None, "progress": False}
     return from_dict(raw)

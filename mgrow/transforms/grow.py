@@ -60,6 +60,8 @@ class GrowthReport:
     peak_device_bytes: Optional[int] = None  # CUDA: max over ranks of max_memory_allocated during growth
     model_before: Optional[ModelConfig] = None  # read from the live model
     model_after: Optional[ModelConfig] = None
+    stages_before: Optional[tuple] = None  # layers on each pipeline stage (mgrow.core.stages)
+    stages_after: Optional[tuple] = None
 
 
 def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
@@ -122,7 +124,8 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
     if not keep_old:
         job.destroy()
     report = GrowthReport(old_cfg.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
-                          growth_masks if masked else None, peak, old_cfg, grown)
+                          growth_masks if masked else None, peak, old_cfg, grown,
+                          old_cfg.stage_split(dims.pp).layers, grown.stage_split(dims.pp).layers)
     return new_job, report
 
 
