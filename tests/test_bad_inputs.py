@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mgrow.checkpoint import files
+
 from conftest import free_port
 from launch_utils import REPO, clean_env, train_job, write_config
 
@@ -40,6 +42,7 @@ class Case:
     overrides: tuple = ()
     launcher: bool = True  # rank variables set, as torchrun / the deepspeed launcher would
     needs_ranks: bool = False  # refused only once the ranks meet (not before torch is imported)
+    files: dict = field(default_factory=dict)  # written under {tmp} first: path -> text (None: a directory)
 
 
 def plan_event(plan):
@@ -50,6 +53,10 @@ CASES = [
     # plans (in a config's growth schedule, or given to grow-checkpoint)
     Case("plan shrinks", "growth[0].plan.ops[0].mlp.ffn_hidden_size: must be >= 64 (the MLP cannot shrink), got 32",
          plan_event({"ops": [{"mlp": {"ffn_hidden_size": 32}}]})),
+    Case("plan draws new weights with an infinite std", "growth[0].plan.init.std: must be at most 1 (a finite "
+         "number), got inf", plan_event({**GOOD_PLAN, "init": {"std": float("inf")}})),
+    Case("plan draws new weights with std 1e30", "growth[0].plan.init.std: must be at most 1 (a finite number), "
+         "got 1e+30", plan_event({**GOOD_PLAN, "init": {"std": 1e30}})),
     Case("plan names an unknown operator", "growth[0].plan.ops[0].widen: unknown operator",
          plan_event({"ops": [{"widen": {"hidden_size": 64}}]})),
     Case("plan: heads not divisible by groups", "growth[0].plan.ops[0].heads.num_query_groups: num_attention_heads (6) must be divisible by "
@@ -103,7 +110,35 @@ CASES = [
     Case("transfer: a component the models do not share", "transfer.components[0]: the checkpoint's model has "
          "ffn_hidden_size = 64, the model being trained 96: they must agree",
          {"model": {"ffn_hidden_size": 96}, "transfer": {"from": "{ckpt}", "components": ["mlp"]}}),
+    # files that are not what they should be
+    Case("YAML syntax error in the config", "--config: config file {tmp}/broken.yaml is not valid YAML: expected ',' "
+         "or '}', but got '<stream end>' at line 2, column 1", argv=("train", "--config", "{tmp}/broken.yaml"),
+         files={"broken.yaml": "model: {num_layers: 2\n"}),
+    Case("YAML syntax error in a plan", "growth[0].plan: plan file {tmp}/broken_plan.yaml is not valid YAML",
+         {"growth": [{"at_step": 2, "plan": "{tmp}/broken_plan.yaml"}]}, files={"broken_plan.yaml": "ops: [\n"}),
+    Case("YAML syntax error in an override", "train.steps: the override 'train.steps=[' is not valid YAML",
+         overrides=("train.steps=[",)),
+    Case("config path is a directory", "--config: config file {tmp}/a_folder is a directory, not a file",
+         argv=("train", "--config", "{tmp}/a_folder"), files={"a_folder": None}),
+    Case("plan path is a directory", "growth[0].plan: plan file {tmp}/a_folder is a directory, not a file",
+         {"growth": [{"at_step": 2, "plan": "{tmp}/a_folder"}]}, files={"a_folder": None}),
+    Case("data file is a directory", "data.path: data file {tmp}/corpus_train.bin is not a file",
+         {"data": {"path": "{tmp}/corpus", "sources": []}}, files={"corpus_train.bin": None}),
+    Case("config nested 10,000 deep", "--config: config file {tmp}/deep.yaml: nested deeper than 64 levels",
+         argv=("train", "--config", "{tmp}/deep.yaml"), files={"deep.yaml": "x: " + "[" * 10000 + "]" * 10000}),
+    Case("YAML alias bomb", "--config: config file {tmp}/bomb.yaml: YAML aliases (*alias of an &anchor) are not "
+         "allowed", argv=("train", "--config", "{tmp}/bomb.yaml"),
+         files={"bomb.yaml": "deepspeed:\n  a: &a [x, x, x, x, x, x, x, x, x]\n  b: &b [*a, *a, *a, *a, *a, *a]\n"
+                             "  c: [*b, *b, *b, *b, *b, *b, *b, *b]\n"}),
+    # growth events that would never fire
+    Case("growth event beyond train.steps", "growth[0].at_step: 9 is due at step 9, and training ends after "
+         "train.steps = 5: the event would never fire", {"growth": [{"at_step": 9, "plan": GOOD_PLAN}]}),
+    Case("at_tokens event listed before an earlier at_step", "growth[1].at_step: 2 comes before growth[0], which "
+         "fires at step 3", {"growth": [{"at_tokens": 768, "plan": GOOD_PLAN},
+                                        {"at_step": 2, "plan": {"ops": [{"mlp": {"ffn_hidden_size": 128}}]}}]}),
     # CLI flags
+    Case("stale launcher variables with --nproc", "--nproc: 2 local ranks asked for, but RANK and WORLD_SIZE = 4 "
+         "are set", argv=("train", "--config", "{tmp}/config.yaml", "--nproc", "2"), ranks=1, env={"WORLD_SIZE": "4"}),
     Case("config file missing", "--config: config file /nonexistent.yaml does not exist",
          argv=("train", "--config", "/nonexistent.yaml")),
     Case("override without '='", "train.steps: an override must look like section.key=value",
@@ -164,6 +199,11 @@ def prepare(case: Case, tmp_path: Path, checkpoint: Path) -> list[str]:
     """The case's files under ``tmp_path`` (a checkpoint copy, corrupted as the case says, a config); its argv."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)
+    for name, text in case.files.items():
+        if text is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_text(text)
     if case.env.get("corrupt") == "mgrow.json":
         (ckpt / "step_00000002" / "mgrow.json").write_text("{ not json")
     if case.env.get("corrupt") == "other model":  # a copy whose metadata holds a wider model
@@ -171,6 +211,7 @@ def prepare(case: Case, tmp_path: Path, checkpoint: Path) -> list[str]:
         metadata_path = tmp_path / "other_ckpt" / "step_00000002" / "mgrow.json"
         metadata = json.loads(metadata_path.read_text())
         metadata["model"]["hidden_size"] = 48
+        metadata["checksum"] = files.content_checksum(metadata)  # sealed as a real checkpoint of it would be
         metadata_path.write_text(json.dumps(metadata))
     if case.env.get("corrupt") == "latest":
         (ckpt / "latest").write_text("step_00000009")

@@ -91,7 +91,8 @@ def test_checkpoint_folders_are_complete_and_latest_is_the_last(megatron_run):
     assert metadata["layout"] == {"tp": 2, "pp": 2, "dp": 1} and metadata["optimizer"] == "megatron"
     assert metadata["progress"]["growth_applied"] == 1 and metadata["model"]["ffn_hidden_size"] == 96
     assert [h["step"] for h in metadata["progress"]["history"]] == [2]
-    assert metadata["files"] and all(size > 0 for size in metadata["files"].values())
+    assert metadata["files"] and all(entry["size"] > 0 and len(entry["blake2b"]) == 32
+                                     for entry in metadata["files"].values())
 
 
 @pytest.mark.parametrize("tp, pp, nproc", [(1, 1, 1), (1, 2, 2)])

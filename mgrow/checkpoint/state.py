@@ -20,6 +20,7 @@ import torch.distributed as dist
 from mgrow.checkpoint import deepspeed_format, files, megatron_format
 from mgrow.checkpoint.files import Progress
 from mgrow.core import faults
+from mgrow.core.errors import CheckpointError, ConfigError
 from mgrow.parallel import collectives
 
 RNG_FILE = "rng.pt"
@@ -63,9 +64,28 @@ def save(engine, cfg, progress: Progress, root: str) -> Path:
     return final
 
 
+def claim_root(root: str, field: str, need_bytes: int, dims):
+    """Collective, before a job writes under ``root``: rank 0 checks it can be written, has room for
+    ``need_bytes`` and is this job's alone (:func:`mgrow.checkpoint.files.claim_root`); every rank raises what it
+    found. Returns rank 0's lock (None elsewhere), for :func:`mgrow.checkpoint.files.release_root`."""
+    lock, refused = None, None
+    if dims.rank == 0:
+        try:
+            lock = files.claim_root(root, field, need_bytes)
+        except ConfigError as error:
+            refused = (type(error), error.field, error.rule)
+    refused = collectives.broadcast_object(refused)
+    if refused is not None:
+        kind, field_name, rule = refused
+        raise kind(field_name, rule)
+    return lock
+
+
 def load(engine, folder: Path, metadata: dict) -> None:
     """Collective: fill ``engine`` (built for the checkpoint's model on the current layout) with the state saved
-    in step folder ``folder`` (``metadata``: its ``mgrow.json``)."""
+    in step folder ``folder`` (``metadata``: its ``mgrow.json``). Every file's bytes are checked against the
+    manifest's hashes first, each rank a share; a file that differs is refused on every rank, by name."""
+    _verify(Path(folder), metadata, engine.dims)
     _format(metadata["engine"]).load(engine, str(folder), metadata)
     engine.scheduler.num_steps = metadata["scheduler_steps"]
     engine.scheduler.step(increment=0)
@@ -73,6 +93,17 @@ def load(engine, folder: Path, metadata: dict) -> None:
     if metadata["layout"] == {"tp": dims.tp, "pp": dims.pp, "dp": dims.dp}:
         _set_rng_state(torch.load(Path(folder) / RNG_FILE, weights_only=True)[dims.rank], dims)
     # On another layout the ranks keep the seeded streams they started with (no rank maps to an old one).
+
+
+def _verify(folder: Path, metadata: dict, dims) -> None:
+    error = None
+    try:
+        files.verify_contents(folder, metadata, dims.rank, dims.world)
+    except CheckpointError as caught:
+        error = caught
+    found = [e for e in collectives.gather_objects(None if error is None else (error.field, error.rule)) if e]
+    if found:
+        raise CheckpointError(*found[0])
 
 
 def _rng_state(dims) -> dict:

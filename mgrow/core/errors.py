@@ -26,3 +26,7 @@ class GrowthError(RuntimeError):
 class GrowthRefused(ConfigError, GrowthError):
     """A growth refused before anything changed, for the same reason on every rank: a ConfigError (``field``,
     ``rule``) that is also a GrowthError, so ``except GrowthError`` catches every failed growth."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped at a step whose loss or weights are not finite, before anything of it was saved."""

@@ -153,14 +153,9 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str, field: str = "--model") -> "ModelConfig":
         """A model YAML file (``field`` names the flag or key that gave its path in errors)."""
-        import os
+        from mgrow.core.files_in import read_yaml
 
-        import yaml
-
-        if not os.path.exists(path):
-            raise ConfigError(field, f"model file {path} does not exist")
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+        return cls.from_dict(read_yaml(path, field, "model file"))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -199,6 +194,11 @@ class ModelConfig:
         embed = V * h + (self.max_sequence_length * h if self.position_embedding_type == "learned_absolute" else 0)
         output = 0 if self.share_embeddings_and_output_weights else V * h
         return self.num_layers * layer + embed + norm + output
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint of this model: per parameter its weight (fp32, or bf16 plus the fp32
+        master) and Adam's two fp32 moments."""
+        return self.num_parameters() * ((2 + 4 if self.bf16 else 4) + 8)
 
     # -------------------------------------------------------------- layouts
     def check_layout(self, tp: int, pp: int) -> None:

@@ -26,10 +26,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
-import yaml
 
 from mgrow.core.defaults import DEFAULT_SEED
 from mgrow.core.errors import ConfigError
+from mgrow.core.files_in import read_yaml
 from mgrow.core.model_config import LAYOUT_KEYS, ModelConfig
 
 HIDDEN_METHODS = ("auto", "zero", "mean", "replicate")
@@ -205,6 +205,12 @@ class GrowthOp:
     args: dict[str, Any]  # the operator's keyword arguments
 
 
+# The largest std of the free entries a plan may ask for. New entries enter the function only behind zeros or
+# masks; their std sets how fast they wake up. megatron initialises at 0.02 and the widest draw mgrow uses is
+# 0.5 (masked growth's tests); above 1 the new units' activations would dwarf the old ones' at any fan-in.
+MAX_INIT_STD = 1.0
+
+
 @dataclass(frozen=True)
 class InitSpec:
     std: Optional[float] = None  # None: the model's init_method_std
@@ -243,10 +249,7 @@ class Plan:
 def load_plan(source: Union[dict, str, os.PathLike]) -> Plan:
     """Parse a plan (dict or YAML path) and check its schema: known ops, known keys, required keys."""
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
-            raise ConfigError("plan", f"plan file {source} does not exist")
-        with open(source) as f:
-            source = yaml.safe_load(f)
+        source = read_yaml(str(source), "plan", "plan file")
     if not isinstance(source, dict):
         raise ConfigError("plan", "must be a mapping with keys ops and init")
     for key in source:
@@ -289,6 +292,8 @@ def _parse_init(raw: Any) -> InitSpec:
     std, seed = raw.get("std"), raw.get("seed", DEFAULT_SEED)
     if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
         raise ConfigError("init.std", f"must be a number > 0, got {std!r}")
+    if std is not None and not std <= MAX_INIT_STD:
+        raise ConfigError("init.std", f"must be at most {MAX_INIT_STD:g} (a finite number), got {std!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError("init.seed", f"must be an integer >= 0, got {seed!r}")
     return InitSpec(None if std is None else float(std), seed)

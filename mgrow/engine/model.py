@@ -105,6 +105,12 @@ def build_like(old, grown: ModelConfig):
     return model
 
 
+def all_finite(model) -> bool:
+    """Whether every parameter of this rank's stage is finite (no NaN, no infinity)."""
+    with torch.no_grad():  # a ZeRO-3 parameter's values are its partition, ds_tensor
+        return all(bool(torch.isfinite(getattr(param, "ds_tensor", param)).all()) for param in model.parameters())
+
+
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     """[b, s] positions 0..s-1 of a token batch, on its device."""
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)

@@ -31,6 +31,7 @@ class GrowCheckpoint:
     pp: int
     device: str
     backend: str
+    grown_bytes: int  # about the size of the grown checkpoint
 
 
 def main(args) -> int:
@@ -47,19 +48,21 @@ def main(args) -> int:
     if os.path.abspath(args.out) == os.path.abspath(folder.parent):
         raise ConfigError("--out", "must be another checkpoint root than --in's (the grown checkpoint would "
                                    "replace the one it is made from)")
-    job = GrowCheckpoint(folder, metadata, plan, args.out, tp, pp, args.device, args.backend)
+    job = GrowCheckpoint(folder, metadata, plan, args.out, tp, pp, args.device, args.backend, grown.checkpoint_bytes())
     return execute(RankJob(tp * pp * dp, run_rank, job))
 
 
 def run_rank(job: GrowCheckpoint) -> int:
     """One rank: restore A, grow it, save B; rank 0 prints one JSON line."""
     # the ranks' imports (the parent validates without torch)
-    from mgrow.checkpoint.state import save
+    from mgrow.checkpoint import files
+    from mgrow.checkpoint.state import claim_root, save
     from mgrow.parallel.dims import init_distributed, shutdown
     from mgrow.testing.harness import random_tokens
     from mgrow.train.restore import restored_engine
     from mgrow.transforms.grow import grow
 
+    lock = None
     try:
         dims = init_distributed(job.tp, job.pp, job.metadata["config"]["train"]["seed"], device=job.device,
                                 backend=job.backend)
@@ -68,6 +71,7 @@ def run_rank(job: GrowCheckpoint) -> int:
         start = time.perf_counter()
         engine, grown_cfg, report = grow(engine, cfg, job.plan, check_tokens=tokens)
         progress.history.append({"step": progress.step, "plan": report.plan, "source": "offline"})
+        lock = claim_root(job.out, "--out", job.grown_bytes, dims)
         written = save(engine, grown_cfg, progress, job.out)
         seconds = time.perf_counter() - start
         if dims.rank == 0:
@@ -77,5 +81,7 @@ def run_rank(job: GrowCheckpoint) -> int:
                               "growth_seconds": report.growth_seconds, "seconds": seconds}), flush=True)
         engine.destroy()
     finally:
+        if lock is not None:
+            files.release_root(lock)
         shutdown()
     return 0

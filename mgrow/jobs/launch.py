@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from mgrow.core.errors import ConfigError, GrowthError
+from mgrow.core.errors import ConfigError, GrowthError, TrainingStopped
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # What every rank imports anyway (about 5 s of CPU each on a small machine): imported once, in the forkserver.
@@ -55,7 +55,8 @@ class RankJob:
 
 def exit_code(fn: Callable[[Any], int], argument: Any) -> int:
     """``fn(argument)``'s exit code, with mgrow's errors as one line on stderr: ``mgrow: error: <field>: <rule>``
-    (2, bad input) or the growth failure (1). Every rank reports its own."""
+    (2, bad input), the growth failure (1) or a training stop on a non-finite loss or weights (3). Every rank
+    reports its own."""
     try:
         return fn(argument) or 0
     except ConfigError as error:
@@ -64,6 +65,9 @@ def exit_code(fn: Callable[[Any], int], argument: Any) -> int:
     except GrowthError as error:
         print(f"mgrow: error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as error:
+        print(f"mgrow: error: {error}", file=sys.stderr)
+        return 3
 
 
 def under_launcher() -> bool:

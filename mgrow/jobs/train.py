@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from mgrow.core.errors import ConfigError
 from mgrow.jobs.launch import RankJob, execute, under_launcher
 from mgrow.train import config as train_config
 from mgrow.train.resume import find_resume
@@ -15,6 +16,10 @@ from mgrow.train.resume import find_resume
 
 def main(args) -> int:
     cfg = train_config.load(args.config, args.overrides)
+    if under_launcher() and args.nproc is not None and args.nproc != int(os.environ["WORLD_SIZE"]):
+        raise ConfigError("--nproc", f"{args.nproc} local ranks asked for, but RANK and WORLD_SIZE = "
+                                     f"{os.environ['WORLD_SIZE']} are set as a launcher sets them (stale variables? "
+                                     "unset RANK, WORLD_SIZE and LOCAL_RANK to start local ranks)")
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else args.nproc or cfg.parallel.tp * cfg.parallel.pp
     cfg.check_world(world)
     find_resume(cfg)  # a checkpoint that does not fit is refused here too, before the ranks start

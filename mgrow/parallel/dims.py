@@ -8,6 +8,7 @@ checkpoints. Nothing else decides the device.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import socket
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ def init_distributed(tp: int, pp: int, seed: int = DEFAULT_SEED, timeout_s: floa
         os.environ.setdefault("WORLD_SIZE", str(world))
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if os.environ["RANK"] == "0" and restart == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            _check_port_free(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         try:
             if restart > 0:
                 dist.init_process_group(choice.backend, store=_restart_store(restart, timeout),
@@ -147,6 +150,18 @@ def init_distributed(tp: int, pp: int, seed: int = DEFAULT_SEED, timeout_s: floa
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelDims.from_parallel_state(choice.device, choice.backend)
+
+
+def _check_port_free(address: str, port: int) -> None:
+    """Rank 0 is about to serve the rendezvous store on ``port``: say so plainly when another process has it."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError("MASTER_PORT", f"port {port} is in use by another process on this host "
+                                                 f"({address}); choose a free MASTER_PORT") from None
 
 
 def _restart_store(restart: int, timeout: datetime.timedelta):

@@ -40,6 +40,7 @@ from mgrow.core import memory
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan
+from mgrow.core.tolerances import bf16_logit_tol
 from mgrow.engine.engines import build_engine
 from mgrow.engine.model import build_gpt
 from mgrow.ops import Kind, apply_to_optimizer_state, carry
@@ -59,21 +60,6 @@ from mgrow.train.restore import restored_engine
 from mgrow.transforms.grow import grow
 
 STEP_TOL = 1e-6
-BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits
-
-
-def bf16_logit_tol(max_abs_logit: float, num_layers: int) -> float:
-    """How far bf16 logits may move when growth rescales old weights (hidden width, head dim, epsilon).
-
-    The grown model's bf16 parameters are the roundings of the grown fp32 masters, so a rescaled
-    weight differs from the rescaled old bf16 weight by one rounding, relative u = 2^-8. First-order,
-    each of the bf16 values written along the residual path (embedding, then the attention and MLP
-    outputs of each of the ``num_layers`` layers, the final norm, the output layer) then moves the
-    logits by at most u times their scale: tol = (2 * num_layers + 3) * u * max|logit|.
-    Plans that rescale nothing leave every old bf16 parameter bit for bit and add exact zeros: their
-    logits are checked against the fp32 tolerance instead.
-    """
-    return (2 * num_layers + 3) * BF16_UNIT_ROUNDOFF * max_abs_logit
 
 
 def reference_check(cfg: ModelConfig, plan: Plan, dims, seed: int = 0, batch: int = 2, seq: int = 16) -> dict:

@@ -7,15 +7,14 @@ naming the dotted field, before any process group or model exists.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
 
 from mgrow.core.defaults import DEFAULT_SEED
 from mgrow.core.errors import ConfigError
+from mgrow.core.files_in import parse_yaml, read_json, read_yaml
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.stages import FIRST, LAST
 from mgrow.parallel import device
@@ -221,6 +220,7 @@ def _validate(cfg: TrainConfig) -> None:
         if cfg.parallel.pp == 1 and (value is not None or getattr(cfg.model, key) is not None):
             where = "parallel" if value is not None else "model"
             raise ConfigError(f"{where}.{key}", "a first/last pipeline stage size needs parallel.pp > 1")
+    _check_events_fire(cfg)
     if cfg.model.is_moe and cfg.parallel.tp > 1:
         # megatron's MoE layer trains at TP > 1 only with sequence parallelism, which the local spec's
         # torch norms (WrappedTorchNorm, no Apex / Transformer Engine) refuse
@@ -228,6 +228,44 @@ def _validate(cfg: TrainConfig) -> None:
                                          f"parallelism for MoE with tensor parallelism); got {cfg.parallel.tp}")
     if not cfg.data.sources:
         check_corpus(cfg.data.path)
+
+
+def _check_events_fire(cfg: TrainConfig) -> None:
+    """Every growth event fires, at its own step: events fire in the order listed (each once the previous one
+    has), so one listed after an event that fires later would fire late, and one due at or after
+    ``train.steps`` never."""
+    t = cfg.train
+    step, tokens, batch = 0, 0, t.global_batch_size  # the previous event's step, tokens done by then, batch then
+    for index, event in enumerate(cfg.growth):
+        where = f"growth[{index}]"
+        if event.at_step is not None:
+            due, key, value = event.at_step, "at_step", event.at_step
+        else:
+            per_step = batch * t.seq_length
+            due = step + max(0, -(-(event.at_tokens - tokens) // per_step))
+            key, value = "at_tokens", event.at_tokens
+        if due < step:
+            raise ConfigError(f"{where}.{key}", f"{value} comes before growth[{index - 1}], which fires at step {step}: "
+                                                "events fire in the order listed; list them in the order they fire")
+        if due >= t.steps:
+            raise ConfigError(f"{where}.{key}", f"{value} is due at step {due}, and training ends after "
+                                                f"train.steps = {t.steps}: the event would never fire")
+        tokens += (due - step) * batch * t.seq_length
+        step, batch = due, event.global_batch_size or batch
+
+
+def run_models(cfg: TrainConfig, applied: int = 0) -> list[ModelConfig]:
+    """The model the run starts from (``cfg.model``: on resume the checkpoint's, which ``applied`` growth events
+    made) and the one after each growth event still to come."""
+    models = [cfg.model]
+    for event in cfg.growth[applied:]:
+        models.append(event.plan.validate(models[-1])[-1])
+    return models
+
+
+def checkpoint_bytes(cfg: TrainConfig, applied: int = 0) -> int:
+    """About the size of one checkpoint of the run's largest model."""
+    return max(model.checkpoint_bytes() for model in run_models(cfg, applied))
 
 
 def with_pipeline_split(model: ModelConfig, parallel: ParallelConfig, resumed: bool) -> ModelConfig:
@@ -258,7 +296,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         section = raw.setdefault(parts[0], {})
         if not isinstance(section, dict):
             raise ConfigError(parts[0], "is not a section")
-        section[parts[1]] = yaml.safe_load(value)
+        section[parts[1]] = parse_yaml(value, key, f"the override {item!r}")
     return raw
 
 
@@ -274,10 +312,7 @@ def from_dict(raw: dict, base_dir: str = ".") -> TrainConfig:
     model = raw["model"]
     if isinstance(model, str):
         path = model if os.path.isabs(model) else os.path.join(base_dir, model)
-        if not os.path.exists(path):
-            raise ConfigError("model", f"model file {path} does not exist")
-        with open(path) as f:
-            model = yaml.safe_load(f)
+        model = read_yaml(path, "model", "model file")
     sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
     deepspeed = _deepspeed_section(raw.get("deepspeed"), base_dir)
     model = ModelConfig.from_dict(model)
@@ -299,23 +334,14 @@ def _deepspeed_section(value: Any, base_dir: str) -> dict:
         return {}
     if isinstance(value, str):
         path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-        if not os.path.exists(path):
-            raise ConfigError("deepspeed", f"DeepSpeed config file {path} does not exist")
-        with open(path) as f:
-            try:
-                value = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ConfigError("deepspeed", f"{path} is not valid JSON: {error}") from None
+        value = read_json(path, "deepspeed", "DeepSpeed config file")
     if not isinstance(value, dict):
         raise ConfigError("deepspeed", "must be a mapping of DeepSpeed config keys or the path of a DeepSpeed JSON")
     return value
 
 
 def load(path: str, overrides: Optional[list[str]] = None) -> TrainConfig:
-    if not os.path.exists(path):
-        raise ConfigError("--config", f"config file {path} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml(path, "--config", "config file") or {}
     raw = apply_overrides(raw, list(overrides or []))
     # Paths inside a config resolve against the repository root or cwd, like Megatron-LM's.
     return from_dict(raw, base_dir=".")

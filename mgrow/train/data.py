@@ -71,8 +71,11 @@ def ensure_corpus(prefix: str, sources: Iterable[str] = DEFAULT_SOURCES) -> None
 def check_corpus(prefix: str, field: str = "data.path") -> None:
     for split in ("train", "valid"):
         for ext in ("bin", "idx"):
-            if not os.path.exists(f"{prefix}_{split}.{ext}"):
-                raise ConfigError(field, f"missing data file {prefix}_{split}.{ext} (run `mgrow data --out {prefix}`)")
+            path = f"{prefix}_{split}.{ext}"
+            if not os.path.exists(path):
+                raise ConfigError(field, f"missing data file {path} (run `mgrow data --out {prefix}`)")
+            if not os.path.isfile(path):
+                raise ConfigError(field, f"data file {path} is not a file")
 
 
 class TokenWindows:

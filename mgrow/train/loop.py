@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -10,15 +11,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mgrow.checkpoint.state import Progress, load, save
+from mgrow.checkpoint import files
+from mgrow.checkpoint.state import Progress, claim_root, load, save
 from mgrow.core import faults, memory
-from mgrow.core.errors import ConfigError
+from mgrow.core.errors import ConfigError, TrainingStopped
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.plan import load_plan
 from mgrow.engine.engines import build_engine, global_mean_loss
-from mgrow.engine.model import build_gpt
+from mgrow.engine.model import all_finite, build_gpt
+from mgrow.parallel import collectives
 from mgrow.parallel.dims import ParallelDims, init_distributed
-from mgrow.train.config import TrainConfig, with_pipeline_split
+from mgrow.train.config import TrainConfig, checkpoint_bytes, run_models, with_pipeline_split
 from mgrow.train.data import TokenWindows, ensure_corpus
 from mgrow.train.metrics import RunLog
 from mgrow.train.resume import find_resume
@@ -77,8 +80,44 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
     p = cfg.parallel
     dims = dims or init_distributed(p.tp, p.pp, cfg.train.seed, timeout_s=60 * p.timeout_minutes, device=p.device,
                                     backend=p.backend)
+    applied = 0 if resume is None else resume.progress.growth_applied
+    _check_memory(start, applied, dims)
+    lock = _claim_checkpoint_root(start, applied, dims)
+    try:
+        return _train(start, dims, resume, log)
+    finally:
+        if lock is not None:
+            files.release_root(lock)
+
+
+def _check_memory(cfg: TrainConfig, applied: int, dims: ParallelDims) -> None:
+    """Before the first step: the model, and each growth event's peak (old and grown model at once), fit in
+    every rank's memory, by the estimate of :mod:`mgrow.core.memory`; refused on every rank otherwise."""
+    local_ranks = 1 if dims.is_cuda else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    least = min(collectives.gather_objects(memory.available_bytes(dims.device, local_ranks)))  # the same on all
+    sharded = cfg.optimizer.type != "adam"
+    layout = (dims.tp, dims.pp, dims.dp, sharded)
+    models = run_models(cfg, applied)
+    needs = [("model", "the model needs", memory.training_state_bytes(models[0], *layout))]
+    for index, (old, new) in enumerate(zip(models, models[1:])):
+        needs.append((f"growth[{applied + index}].plan", "growing needs", memory.growth_peak_bytes(old, new, *layout)))
+    for field_name, what, need in needs:
+        if need > least:
+            during = ", the old and the grown model at once" if field_name != "model" else ""
+            raise ConfigError(field_name, f"{what} about {need / 2**30:.1f} GiB on each rank (weights, gradients "
+                                          f"and Adam state{during}); a rank has {least / 2**30:.1f} GiB available")
+
+
+def _claim_checkpoint_root(cfg: TrainConfig, applied: int, dims: ParallelDims):
+    """Before the first step: ``checkpoint.save`` can be written, has room for a checkpoint of the run's largest
+    model, and is this job's alone."""
+    if cfg.checkpoint.save is None:
+        return None
+    return claim_root(cfg.checkpoint.save, "checkpoint.save", checkpoint_bytes(cfg, applied), dims)
+
+
+def _train(cfg: TrainConfig, dims: ParallelDims, resume, log) -> TrainResult:
     progress = Progress() if resume is None else resume.progress
-    cfg = start
     t = cfg.train
     train_batches = Batches(TokenWindows(cfg.data.path, "train", t.seq_length, t.seed), cfg, dims,
                             progress.first_step, progress.first_sample)
@@ -157,7 +196,10 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
             if ramp.done:
                 ramp, progress.mask_ramp = None, None
         faults.kill_point("train", step + 1)
-        loss = global_mean_loss(engine.train_step(train_batches(step)), dims)
+        loss = global_mean_loss(engine.train_step(train_batches(step)), dims)  # the same on every rank
+        if not math.isfinite(loss):
+            raise TrainingStopped(f"step {step + 1}: the training loss is {loss}; stopped before logging or saving "
+                                  "it (the last checkpoint, if any, holds the last finite state)")
         progress.step = step + 1
         result.losses.append(loss)
         unfrozen = unfreeze_rule.after_step(engine, step + 1, loss) if unfreeze_rule is not None else None
@@ -192,6 +234,9 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | validation loss {eval_loss:.4f}")
         if _save_due(cfg, step + 1):
+            if collectives.any_rank(dims, not all_finite(engine.module)):
+                raise TrainingStopped(f"step {step + 1}: the model holds non-finite weights after the update; "
+                                      "not saved (the last checkpoint, if any, holds the last finite state)")
             folder = save(engine, cfg, progress, cfg.checkpoint.save)
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | saved {folder}")

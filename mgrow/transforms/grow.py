@@ -33,10 +33,11 @@ from typing import Optional
 import torch
 
 from mgrow.core import faults, memory
-from mgrow.core.errors import ConfigError
+from mgrow.core.errors import ConfigError, GrowthError
+from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan, load_plan
-from mgrow.core.model_config import ModelConfig
+from mgrow.core.tolerances import preservation_tol
 from mgrow.engine.model import by_global_name
 from mgrow.engine.protocols import GrowableJob
 from mgrow.ops import carry_moment
@@ -121,6 +122,13 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
     diff = None
     if check_tokens is not None:
         diff = _max_abs_diff(dims, before, new_job.logits(check_tokens))
+        scale = collectives.reduce_scalar(dims, 0.0 if before is None else float(before.float().abs().max()), "max")
+        tol = preservation_tol(scale, grown.num_layers, grown.bf16)
+        if not diff <= tol:  # also a NaN or an infinity, before or after
+            new_job.destroy()
+            raise GrowthError(f"growth failed its own check: the logits on the held batch moved by {diff:.3g} "
+                              f"(largest logit before {scale:.3g}, tolerance {tol:.3g}); every rank keeps its old "
+                              "model and optimizer")
     if not keep_old:
         job.destroy()
     report = GrowthReport(old_cfg.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
