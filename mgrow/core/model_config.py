@@ -18,6 +18,11 @@ NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# ModelConfig fields that are TransformerConfig fields of the same name and meaning.
+TRANSFORMER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                      "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
+                      "qk_layernorm", "softmax_scale", "apply_query_key_layer_scaling", "init_method_std",
+                      "hidden_dropout", "attention_dropout")
 # Keys that say how the model is laid out, not what it computes (left out of ==).
 LAYOUT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
 
@@ -254,23 +259,8 @@ class ModelConfig:
         self.check_layout(tp, pp)
         activation = F.silu if self.activation == "swiglu" else F.gelu
         values = dict(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            kv_channels=self.kv_channels,
-            ffn_hidden_size=self.ffn_hidden_size,
-            normalization=self.normalization,
-            layernorm_epsilon=self.layernorm_epsilon,
-            gated_linear_unit=self.gated_linear_unit,
+            **{name: getattr(self, name) for name in TRANSFORMER_FIELDS},
             activation_func=activation,
-            add_bias_linear=self.add_bias_linear,
-            qk_layernorm=self.qk_layernorm,
-            softmax_scale=self.softmax_scale,
-            apply_query_key_layer_scaling=self.apply_query_key_layer_scaling,
-            init_method_std=self.init_method_std,
-            hidden_dropout=self.hidden_dropout,
-            attention_dropout=self.attention_dropout,
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             **self.stage_split(pp).megatron_kwargs(),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mgrow.core.errors import ConfigError
-from mgrow.core.model_config import ModelConfig
+from mgrow.core.model_config import TRANSFORMER_FIELDS, ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.engine.model import full_shape, global_names
 from mgrow.parallel import layout as layout_table
@@ -75,30 +75,18 @@ def describe(gpt, dims) -> ModelConfig:
     gated = bool(config.gated_linear_unit)
     activation = _activation(config.activation_func, gated)
     dtype = _dtype(gpt)
+    live = {name: getattr(config, name) for name in TRANSFORMER_FIELDS}
+    live["layernorm_epsilon"] = _norm_epsilon(gpt)  # what the norm modules use
+    live["gated_linear_unit"] = gated
     cfg = ModelConfig(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
+        **live,
         vocab_size=gpt.vocab_size,
         max_sequence_length=gpt.max_sequence_length,
-        num_query_groups=config.num_query_groups,
-        kv_channels=config.kv_channels,
-        ffn_hidden_size=config.ffn_hidden_size,
-        normalization=config.normalization,
-        layernorm_epsilon=_norm_epsilon(gpt),
         activation=activation,
-        gated_linear_unit=gated,
         position_embedding_type=gpt.position_embedding_type,
         rotary_percent=gpt.rotary_percent,
         rotary_base=_rotary_base(gpt),
         share_embeddings_and_output_weights=gpt.share_embeddings_and_output_weights,
-        add_bias_linear=config.add_bias_linear,
-        qk_layernorm=config.qk_layernorm,
-        softmax_scale=config.softmax_scale,
-        apply_query_key_layer_scaling=config.apply_query_key_layer_scaling,
-        init_method_std=config.init_method_std,
-        hidden_dropout=config.hidden_dropout,
-        attention_dropout=config.attention_dropout,
         bf16=dtype == torch.bfloat16,
         num_layers_in_first_pipeline_stage=config.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=config.num_layers_in_last_pipeline_stage,

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import torch
 
 from mgrow.core.defaults import DEFAULT_SEED
-from mgrow.core.model_config import ModelConfig
+from mgrow.core.model_config import TRANSFORMER_FIELDS, ModelConfig
 from mgrow.core.parameters import layer_index, renumber
 from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
@@ -45,13 +45,6 @@ def build_gpt(cfg: ModelConfig, dims, seed: int = DEFAULT_SEED, init: Optional[d
     if initialize:
         load_full_tensors(model, cfg, init if init is not None else CanonicalInit(cfg, seed), dims)
     return model
-
-
-# ModelConfig fields that are TransformerConfig fields of the same name and meaning.
-TRANSFORMER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-                      "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
-                      "qk_layernorm", "softmax_scale", "apply_query_key_layer_scaling", "init_method_std",
-                      "hidden_dropout", "attention_dropout")
 
 
 def grown_transformer_config(config, grown: ModelConfig):
