@@ -169,8 +169,14 @@ CASES = [
 
 
 # Run as real processes too: the cases that need ranks, and one of each kind of the others.
+# as real rank processes too: a sample of the catalog, and every case of issue 22's hostile-user list
 LAUNCHED = [c for c in CASES if c.needs_ranks] + [c for c in CASES if c.name in (
-    "plan shrinks", "latest names a missing step", "world size not a multiple of tp*pp", "verify --tp 0")]
+    "plan shrinks", "latest names a missing step", "world size not a multiple of tp*pp", "verify --tp 0",
+    "plan draws new weights with an infinite std", "plan draws new weights with std 1e30",
+    "YAML syntax error in the config", "YAML syntax error in a plan", "YAML syntax error in an override",
+    "config path is a directory", "plan path is a directory", "data file is a directory",
+    "config nested 10,000 deep", "YAML alias bomb", "growth event beyond train.steps",
+    "at_tokens event listed before an earlier at_step", "stale launcher variables with --nproc")]
 BEFORE_TORCH = [c for c in CASES if not c.needs_ranks]
 RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

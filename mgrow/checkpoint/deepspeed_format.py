@@ -95,12 +95,23 @@ def _repair_stage3_universal_load(zero, universal: Path) -> None:
         state = zero.optimizer.state.get(flat)
         if state is not None and torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)[PARAM_GROUPS]
+    saved = _load_plain(universal / "zero" / "optimizer_state.pt")[PARAM_GROUPS]
     groups = zero.optimizer.param_groups
     if len(saved) != len(groups):
         raise RuntimeError(f"ZeRO-3 universal load: {len(saved)} saved param groups, {len(groups)} in the optimizer")
     for group, old in zip(groups, saved):
         group.update({k: v for k, v in old.items() if k != "params"})
+
+
+def _load_plain(path: Path):
+    """A DeepSpeed file as tensors and plain data (``weights_only``): the two DeepSpeed classes its files hold
+    (the ZeRO stage enum, the loss scaler's plain attributes) are allowed by name; anything else is refused
+    instead of run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _to_universal(source: Path, scratch: Path) -> None:
@@ -117,7 +128,7 @@ def _to_universal(source: Path, scratch: Path) -> None:
     staging.mkdir(parents=True)
     for path in source.iterdir():
         if path.name.startswith("mp_rank_"):
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = _load_plain(path)
             state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
             torch.save(state, staging / path.name)
         else:

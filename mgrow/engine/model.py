@@ -100,8 +100,9 @@ def build_like(old, grown: ModelConfig):
 
 def all_finite(model) -> bool:
     """Whether every parameter of this rank's stage is finite (no NaN, no infinity)."""
-    with torch.no_grad():  # a ZeRO-3 parameter's values are its partition, ds_tensor
-        return all(bool(torch.isfinite(getattr(param, "ds_tensor", param)).all()) for param in model.parameters())
+    with torch.no_grad():  # a ZeRO-3 parameter's values are its partition, ds_tensor; one device sync in all
+        checks = [torch.isfinite(getattr(param, "ds_tensor", param)).all() for param in model.parameters()]
+        return bool(torch.stack(checks).all()) if checks else True
 
 
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import datetime
 import errno
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -126,8 +127,12 @@ def init_distributed(tp: int, pp: int, seed: int = DEFAULT_SEED, timeout_s: floa
         os.environ.setdefault("WORLD_SIZE", str(world))
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if os.environ["RANK"] == "0" and restart == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-            _check_port_free(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        if restart == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            if os.environ["RANK"] == "0":
+                _check_port_free(address, port)
+            else:
+                _check_port_serves_a_store(address, port)
         try:
             if restart > 0:
                 dist.init_process_group(choice.backend, store=_restart_store(restart, timeout),
@@ -162,6 +167,36 @@ def _check_port_free(address: str, port: int) -> None:
             if error.errno == errno.EADDRINUSE:
                 raise ConfigError("MASTER_PORT", f"port {port} is in use by another process on this host "
                                                  f"({address}); choose a free MASTER_PORT") from None
+
+
+def _check_port_serves_a_store(address: str, port: int, probe_seconds: float = 10.0) -> None:
+    """A rank other than 0: when something already listens on the rendezvous port it must answer as a
+    torch.distributed store (rank 0's); a process that holds the port and never answers is named instead of
+    waiting out the rendezvous timeout. Nothing listening yet (rank 0 not up) is left to the rendezvous.
+
+    The probe runs in a daemon thread: torch's TCPStore client blocks past its own timeout on a listener that
+    accepts and never answers, and the thread is simply left behind when the rank exits with the error.
+    """
+    try:
+        socket.create_connection((address, port), timeout=probe_seconds).close()
+    except OSError:
+        return
+    answered = threading.Event()
+
+    def probe():
+        try:
+            store = dist.TCPStore(address, port, is_master=False, timeout=datetime.timedelta(seconds=probe_seconds),
+                                  wait_for_workers=False)
+            store.check(["mgrow/probe"])
+            answered.set()
+        except Exception:  # noqa: BLE001 (a listener that does not answer as a store: reported below)
+            pass
+
+    threading.Thread(target=probe, daemon=True, name="mgrow-store-probe").start()
+    if not answered.wait(probe_seconds):
+        raise ConfigError("MASTER_PORT", f"port {port} on {address} is held by a process that does not answer as "
+                                         "rank 0's rendezvous store (in use by another process?); choose a free "
+                                         "MASTER_PORT")
 
 
 def _restart_store(restart: int, timeout: datetime.timedelta):

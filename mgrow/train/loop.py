@@ -200,6 +200,10 @@ def _train(cfg: TrainConfig, dims: ParallelDims, resume, log) -> TrainResult:
         if not math.isfinite(loss):
             raise TrainingStopped(f"step {step + 1}: the training loss is {loss}; stopped before logging or saving "
                                   "it (the last checkpoint, if any, holds the last finite state)")
+        if collectives.any_rank(dims, not all_finite(engine.module)):  # what a NaN or infinite gradient leaves
+            raise TrainingStopped(f"step {step + 1}: the update made the model's weights non-finite (a NaN or "
+                                  "infinite gradient?); stopped before saving them (the last checkpoint, if any, "
+                                  "holds the last finite state)")
         progress.step = step + 1
         result.losses.append(loss)
         unfrozen = unfreeze_rule.after_step(engine, step + 1, loss) if unfreeze_rule is not None else None
@@ -234,9 +238,6 @@ def _train(cfg: TrainConfig, dims: ParallelDims, resume, log) -> TrainResult:
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | validation loss {eval_loss:.4f}")
         if _save_due(cfg, step + 1):
-            if collectives.any_rank(dims, not all_finite(engine.module)):
-                raise TrainingStopped(f"step {step + 1}: the model holds non-finite weights after the update; "
-                                      "not saved (the last checkpoint, if any, holds the last finite state)")
             folder = save(engine, cfg, progress, cfg.checkpoint.save)
             if leader:
                 log(f"step {step + 1:>5}/{t.steps} | saved {folder}")
