@@ -103,7 +103,7 @@ class DeepSpeedJob:
                                               "deepspeed.initialize as an object, which cannot be rebuilt on a new "
                                               "optimizer: pass lr_scheduler=<callable: optimizer -> scheduler>, or "
                                               "put the scheduler in the DeepSpeed config")
-        self._group_of_names(grown)  # refuses a role the old groups split
+        group_assignment.assign(self._old_groups()[1], parameter_shapes(grown))  # refuses a role the groups split
 
     def optimizer_state(self):
         if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
@@ -134,15 +134,12 @@ class DeepSpeedJob:
                 index[name] = found
         return [{k: v for k, v in g.items() if k not in _NOT_SETTINGS} for g in groups], index
 
-    def _group_of_names(self, grown: ModelConfig) -> dict[str, int]:
-        _, index = self._old_groups()
-        return group_assignment.assign(index, parameter_shapes(grown))
 
     def rebuild(self, model, grown: ModelConfig) -> "DeepSpeedJob":
         import deepspeed
 
-        settings, _ = self._old_groups()
-        assigned = self._group_of_names(grown)
+        settings, index = self._old_groups()
+        assigned = group_assignment.assign(index, parameter_shapes(grown))
         params = by_global_name(model)
         groups = [{**group, "params": [params[name] for name in params if assigned[name] == i]}
                   for i, group in enumerate(settings)]

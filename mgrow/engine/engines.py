@@ -28,6 +28,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from mgrow.core.errors import ConfigError
 from mgrow.engine import ds_mpu, param_groups, schedulers
 from mgrow.engine.deepspeed_job import DeepSpeedJob
 from mgrow.engine.megatron_job import MegatronJob
@@ -104,6 +105,9 @@ class MegatronEngine(MegatronJob):
         tconfig.grad_scale_func = optimizer.scale_loss
         return ddp, optimizer, scheduler
 
+    def describe(self):
+        return _as_configured(super().describe(), self.cfg)
+
     def _assemble(self, ddp, optimizer, scheduler, grown):
         return MegatronEngine(None, dataclasses.replace(self.cfg, model=grown), self.dims,
                               parts=(ddp, optimizer, scheduler))
@@ -140,6 +144,14 @@ class MegatronEngine(MegatronJob):
 
     def scale_lr(self, factor: float) -> None:
         _scale_lr(self, factor)
+
+
+def _as_configured(live, cfg):
+    """The live model's description, refused when the training config's model is another one."""
+    if live != cfg.model:
+        differ = {k: (v, getattr(live, k)) for k, v in cfg.model.to_dict().items() if getattr(live, k) != v}
+        raise ConfigError("model", f"the training config's model disagrees with the live model: {differ}")
+    return live
 
 
 def _freezing(cfg) -> bool:
@@ -229,6 +241,9 @@ class DeepSpeedEngine(DeepSpeedJob):
     def config(self) -> dict:
         """The DeepSpeed JSON of this engine's training config (at growth: the config with the new batch sizes)."""
         return deepspeed_config(self.cfg, self.dims.dp)
+
+    def describe(self):
+        return _as_configured(super().describe(), self.cfg)
 
     def _assemble(self, engine, grown):
         return DeepSpeedEngine(None, dataclasses.replace(self.cfg, model=grown), self.dims,

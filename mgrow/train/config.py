@@ -263,11 +263,6 @@ def run_models(cfg: TrainConfig, applied: int = 0) -> list[ModelConfig]:
     return models
 
 
-def checkpoint_bytes(cfg: TrainConfig, applied: int = 0) -> int:
-    """About the size of one checkpoint of the run's largest model."""
-    return max(model.checkpoint_bytes() for model in run_models(cfg, applied))
-
-
 def with_pipeline_split(model: ModelConfig, parallel: ParallelConfig, resumed: bool) -> ModelConfig:
     """``model`` with the pipeline split this job runs it at: ``parallel``'s first/last stage sizes when given
     (refused, naming them, when they do not fit the model); else the model's own; a resumed checkpoint's own

@@ -21,7 +21,7 @@ from mgrow.engine.engines import build_engine, global_mean_loss
 from mgrow.engine.model import all_finite, build_gpt
 from mgrow.parallel import collectives
 from mgrow.parallel.dims import ParallelDims, init_distributed
-from mgrow.train.config import TrainConfig, checkpoint_bytes, run_models, with_pipeline_split
+from mgrow.train.config import TrainConfig, run_models, with_pipeline_split
 from mgrow.train.data import TokenWindows, ensure_corpus
 from mgrow.train.metrics import RunLog
 from mgrow.train.resume import find_resume
@@ -80,9 +80,12 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
     p = cfg.parallel
     dims = dims or init_distributed(p.tp, p.pp, cfg.train.seed, timeout_s=60 * p.timeout_minutes, device=p.device,
                                     backend=p.backend)
-    applied = 0 if resume is None else resume.progress.growth_applied
-    _check_memory(start, applied, dims)
-    lock = _claim_checkpoint_root(start, applied, dims)
+    models = run_models(start, 0 if resume is None else resume.progress.growth_applied)
+    _check_memory(start, models, dims)
+    lock = None
+    if start.checkpoint.save is not None:  # writable, room for the run's largest model, this job's alone
+        need = max(model.checkpoint_bytes() for model in models)
+        lock = claim_root(start.checkpoint.save, "checkpoint.save", need, dims)
     try:
         return _train(start, dims, resume, log)
     finally:
@@ -90,14 +93,15 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
             files.release_root(lock)
 
 
-def _check_memory(cfg: TrainConfig, applied: int, dims: ParallelDims) -> None:
+def _check_memory(cfg: TrainConfig, models: list, dims: ParallelDims) -> None:
     """Before the first step: the model, and each growth event's peak (old and grown model at once), fit in
-    every rank's memory, by the estimate of :mod:`mgrow.core.memory`; refused on every rank otherwise."""
+    every rank's memory, by the estimate of :mod:`mgrow.core.memory`; refused on every rank otherwise.
+    ``models``: the model the job starts from, then the one after each growth event still to come."""
     local_ranks = 1 if dims.is_cuda else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     least = min(collectives.gather_objects(memory.available_bytes(dims.device, local_ranks)))  # the same on all
     sharded = cfg.optimizer.type != "adam"
     layout = (dims.tp, dims.pp, dims.dp, sharded)
-    models = run_models(cfg, applied)
+    applied = len(cfg.growth) - (len(models) - 1)  # events already in the model the job starts from
     needs = [("model", "the model needs", memory.training_state_bytes(models[0], *layout))]
     for index, (old, new) in enumerate(zip(models, models[1:])):
         needs.append((f"growth[{applied + index}].plan", "growing needs", memory.growth_peak_bytes(old, new, *layout)))
@@ -106,14 +110,6 @@ def _check_memory(cfg: TrainConfig, applied: int, dims: ParallelDims) -> None:
             during = ", the old and the grown model at once" if field_name != "model" else ""
             raise ConfigError(field_name, f"{what} about {need / 2**30:.1f} GiB on each rank (weights, gradients "
                                           f"and Adam state{during}); a rank has {least / 2**30:.1f} GiB available")
-
-
-def _claim_checkpoint_root(cfg: TrainConfig, applied: int, dims: ParallelDims):
-    """Before the first step: ``checkpoint.save`` can be written, has room for a checkpoint of the run's largest
-    model, and is this job's alone."""
-    if cfg.checkpoint.save is None:
-        return None
-    return claim_root(cfg.checkpoint.save, "checkpoint.save", checkpoint_bytes(cfg, applied), dims)
 
 
 def _train(cfg: TrainConfig, dims: ParallelDims, resume, log) -> TrainResult:

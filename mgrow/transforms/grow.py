@@ -149,15 +149,11 @@ def _bound_steps(plan: Plan, old_cfg: ModelConfig, dims):
 
 def grow(engine, cfg, plan, **options):
     """Grow mgrow's own training engine (``cfg``: its training config, which may carry new batch sizes for the
-    new engine); returns (new engine, new config, report). The same growth as :func:`grow_job`, with a check
-    that the config's model is the live one."""
+    new engine); returns (new engine, new config, report). The same growth as :func:`grow_job` (the engines'
+    ``describe`` also checks that the config's model is the live one)."""
     previous = engine.cfg
     engine.cfg = cfg
     try:
-        live = Agreement(engine.dims).validate("reading the live model", engine.describe)
-        if live != cfg.model:
-            differ = {k: (v, getattr(live, k)) for k, v in cfg.model.to_dict().items() if getattr(live, k) != v}
-            raise ConfigError("model", f"the training config's model disagrees with the live model: {differ}")
         new_engine, report = grow_job(engine, plan, **options)
     except BaseException:
         engine.cfg = previous
