@@ -181,7 +181,7 @@ def _train(cfg: TrainConfig, dims: ParallelDims, resume, log) -> TrainResult:
                     f"parameters in {record['growth_seconds']:.2f} s | held-batch loss "
                     f"{record['held_loss_before']:.6f} -> {record['held_loss_after']:.6f}"
                     + (f" | pipeline stages {record['stages_before']} -> {record['stages_after']} layers"
-                       if record["stages_before"] != record["stages_after"] else ""))
+                       if dims.pp > 1 and record["stages_before"] != record["stages_after"] else ""))
         if progress.rewarm is not None:
             since, length = step - progress.rewarm[0], progress.rewarm[1]
             engine.scale_lr(min(1.0, (since + 1) / length))
