@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mgrow.engine.model import largest_abs
+
 
 def main(argv: list[str]) -> None:
     out_dir, model_json, plan_json, optimizer, tp, pp, ramp_steps = argv
@@ -66,7 +68,7 @@ def _hook_count(model) -> int:
 
 
 def _max_diff(before, after) -> float:
-    return _max_over_ranks(0.0 if before is None else float((after.float() - before.float()).abs().max()))
+    return _max_over_ranks(0.0 if before is None else largest_abs(after.float() - before.float()))
 
 
 def _max_over_ranks(value: float) -> float:

@@ -16,7 +16,7 @@ def test_table_agrees_with_megatron_partition_attributes(single_rank, gated):
                       max_sequence_length=16, activation="swiglu" if gated else "gelu", qk_layernorm=True)
     model = build_gpt(cfg, single_rank)
     for local, name, param in global_names(model):
-        row = table.layout_of(name, cfg.gated_linear_unit)
+        row = table.layout_of(name, cfg)
         if getattr(param, "tensor_model_parallel", False):
             assert (param.partition_dim, param.partition_stride) == (row.partition_dim, row.stride), name
         else:
@@ -36,7 +36,7 @@ def test_shard_and_merge_round_trip(tp, dim, stride):
 
 def test_unknown_parameter_is_an_error():
     with pytest.raises(KeyError, match="no megatron layout"):
-        table.layout_of("decoder.layers.0.mlp.experts.weight")
+        table.layout_of("decoder.layers.0.mlp.experts.weight", ModelConfig(2, 32, 4, 64, 16))
 
 
 LAYOUT_MODELS = [

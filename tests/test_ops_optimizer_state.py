@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import one_rank
-from mgrow.engine.model import build_gpt, global_names, position_ids
+from mgrow.engine.model import build_gpt, global_names, position_ids, real_vocab
+from mgrow.parallel import layout as layouts
 from mgrow.core.model_config import ModelConfig
 from mgrow.ops import apply_to_optimizer_state
 from mgrow.ops.plan import apply_plan
@@ -42,9 +43,11 @@ CASES = {
 def gradients(cfg: ModelConfig, state: dict, tokens: torch.Tensor, labels: torch.Tensor) -> dict:
     model = build_gpt(cfg, one_rank(), init=state)
     model.eval()
-    logits = model(tokens, position_ids(tokens), None)
+    logits = real_vocab(model, model(tokens, position_ids(tokens), None))
     torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1)).backward()
-    return {name: param.grad.detach().clone() for _, name, param in global_names(model)}
+    # full tensors, as the operators see them (a padded vocabulary's rows dropped)
+    return {name: layouts.tp_merge([param.grad.detach().clone()], layouts.layout_of(name, cfg))
+            for _, name, param in global_names(model)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -24,7 +24,15 @@ TRANSFORMER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_q
                       "qk_layernorm", "softmax_scale", "apply_query_key_layer_scaling", "init_method_std",
                       "hidden_dropout", "attention_dropout")
 # Keys that say how the model is laid out, not what it computes (left out of ==).
-LAYOUT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage")
+LAYOUT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+               "make_vocab_size_divisible_by")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's ``_vocab_size_with_padding``: the vocabulary rounded up to a multiple of
+    ``divisible_by * tp``, so every TP rank holds an equal slice of the embedding and output layer."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,16 @@ class ModelConfig:
     # configs that differ only here describe the same model (a checkpoint resumes at any split).
     num_layers_in_first_pipeline_stage: Optional[int] = field(default=None, compare=False)
     num_layers_in_last_pipeline_stage: Optional[int] = field(default=None, compare=False)
+    # Megatron-LM's --make-vocab-size-divisible-by: the model is built with the vocabulary padded to a multiple
+    # of this times TP (padded_vocab_size). The padded rows stay zero and their logits are masked out of the
+    # loss and every comparison, so the padding is layout, not function: a checkpoint resumes at a TP size
+    # whose padding differs.
+    make_vocab_size_divisible_by: int = field(default=128, compare=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
+                     "make_vocab_size_divisible_by"):
             _positive_int(f"model.{name}", getattr(self, name))
         if self.num_query_groups is None:
             set_("num_query_groups", self.num_attention_heads)
@@ -223,10 +237,6 @@ class ModelConfig:
             raise ConfigError(
                 "model.ffn_hidden_size", f"{self.ffn_hidden_size} must be divisible by tensor parallel size {tp}"
             )
-        if self.vocab_size % tp:
-            raise ConfigError(
-                "model.vocab_size", f"{self.vocab_size} must be divisible by tensor parallel size {tp}"
-            )
         self.stage_split(pp)
         if self.is_moe and self.add_bias_linear and tp > 1:
             raise ConfigError("model.add_bias_linear", "megatron-core's MoE experts have biases only when the "
@@ -300,9 +310,13 @@ class ModelConfig:
             moe_grouped_gemm=False,
         )
 
-    def gpt_model_kwargs(self) -> dict:
+    def padded_vocab_size(self, tp: int) -> int:
+        """The vocabulary megatron-core's GPTModel is built with at tensor parallel size ``tp``."""
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
+
+    def gpt_model_kwargs(self, tp: int) -> dict:
         return dict(
-            vocab_size=self.vocab_size,
+            vocab_size=self.padded_vocab_size(tp),
             max_sequence_length=self.max_sequence_length,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
             position_embedding_type=self.position_embedding_type,

@@ -31,7 +31,7 @@ from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.engine import group_assignment
 from mgrow.engine.describe import describe, unwrap
-from mgrow.engine.model import build_like, by_global_name, position_ids
+from mgrow.engine.model import build_like, by_global_name, position_ids, real_vocab
 from mgrow.engine.steps import on_device
 from mgrow.parallel.dims import ParallelDims
 from mgrow.parallel.optimizer_state import TorchAdamState, ZeroState
@@ -115,7 +115,7 @@ class DeepSpeedJob:
         self.engine.eval()
         tokens = on_device(tokens, self.dims.device)
         with torch.no_grad():
-            logits = self.engine(tokens, position_ids(tokens), None).detach().clone()
+            logits = real_vocab(self.module, self.engine(tokens, position_ids(tokens), None)).detach().clone()
         self.engine.train(was_training)
         return logits
 

@@ -20,7 +20,7 @@ import torch
 from mgrow.core.errors import ConfigError
 from mgrow.core.model_config import TRANSFORMER_FIELDS, ModelConfig
 from mgrow.core.parameters import parameter_shapes
-from mgrow.engine.model import full_shape, global_names
+from mgrow.engine.model import global_names
 from mgrow.parallel import layout as layout_table
 
 SUPPORTED = ("a megatron-core GPTModel built with the local layer spec (get_gpt_layer_local_spec), "
@@ -80,7 +80,7 @@ def describe(gpt, dims) -> ModelConfig:
     live["gated_linear_unit"] = gated
     cfg = ModelConfig(
         **live,
-        vocab_size=gpt.vocab_size,
+        **_vocabulary(gpt),
         max_sequence_length=gpt.max_sequence_length,
         activation=activation,
         position_embedding_type=gpt.position_embedding_type,
@@ -94,6 +94,15 @@ def describe(gpt, dims) -> ModelConfig:
     )
     _check_shapes(gpt, cfg, dims)
     return cfg
+
+
+def _vocabulary(gpt) -> dict:
+    """The real vocabulary: mgrow's own models mask a padded one (:class:`mgrow.engine.model.VocabMask`); a
+    user's model is described as built (its padding, if any, is its vocabulary)."""
+    mask = getattr(gpt, "vocab_mask", None)
+    if mask is None:
+        return {"vocab_size": gpt.vocab_size, "make_vocab_size_divisible_by": 1}
+    return {"vocab_size": mask.vocab_size, "make_vocab_size_divisible_by": mask.divisible_by}
 
 
 def _check_options(gpt, tp: int, pp: int) -> None:
@@ -198,8 +207,8 @@ def _check_shapes(gpt, cfg: ModelConfig, dims) -> None:
         if name not in shapes:
             raise ConfigError("model", f"parameter {local} is not one of a GPTModel with this config; mgrow grows "
                                        f"{SUPPORTED}")
-        layout = layout_table.layout_of(name, cfg.gated_linear_unit)
-        live = full_shape(param, layout, tp)
+        layout = layout_table.layout_of(name, cfg)
+        live = layout_table.full_shape(param.shape, layout, tp)
         if live != shapes[name]:
             raise ConfigError("model", f"{local} has full shape {live}, but the model's config gives "
                                        f"{shapes[name]}: the config does not describe the weights it holds")

@@ -28,13 +28,12 @@ from mgrow.core.errors import ConfigError
 from mgrow.core.model_config import ModelConfig
 from mgrow.engine import group_assignment, schedulers
 from mgrow.engine.describe import describe, unwrap
-from mgrow.engine.model import build_like, by_global_name
+from mgrow.engine.model import HOOK_FIELDS, build_like, by_global_name, real_vocab
 from mgrow.engine.steps import logits_step
 from mgrow.parallel.dims import ParallelDims
 from mgrow.parallel.optimizer_state import for_megatron
 
 # TransformerConfig fields that may hold a function bound to the DDP module or the optimizer.
-HOOK_FIELDS = ("no_sync_func", "grad_sync_func", "param_sync_func", "grad_scale_func", "finalize_model_grads_func")
 
 
 class MegatronJob:
@@ -103,7 +102,7 @@ class MegatronJob:
                 seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
             )
         self.ddp.train(was_training)
-        return outputs[0]["logits"] if outputs else None
+        return real_vocab(self.module, outputs[0]["logits"]) if outputs else None
 
     def build_model(self, grown: ModelConfig):
         return build_like(self.module, grown)

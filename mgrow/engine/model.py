@@ -37,11 +37,12 @@ def build_gpt(cfg: ModelConfig, dims, seed: int = DEFAULT_SEED, init: Optional[d
         transformer_layer_spec=spec,
         pre_process=dims.is_first_stage,
         post_process=dims.is_last_stage,
-        **cfg.gpt_model_kwargs(),
+        **cfg.gpt_model_kwargs(dims.tp),
     )
     model.to(dims.device)
     if cfg.bf16:
         model.bfloat16()  # params_dtype reaches the linear layers only; megatron's Float16Module casts the norms too
+    VocabMask.install(model, cfg, dims.tp_rank, dims.tp)
     if initialize:
         load_full_tensors(model, cfg, init if init is not None else CanonicalInit(cfg, seed), dims)
     return model
@@ -77,25 +78,87 @@ def _derived_output_init(config) -> bool:
             and method.keywords == default.keywords)
 
 
+# TransformerConfig fields that megatron's DDP and optimizer set to their own bound methods
+HOOK_FIELDS = ("no_sync_func", "grad_sync_func", "param_sync_func", "grad_scale_func", "finalize_model_grads_func")
+
+
 def build_like(old, grown: ModelConfig):
     """A GPTModel stage of the grown model made as the live stage ``old`` was: its TransformerConfig (grown),
     layer spec and GPTModel arguments (those a ModelConfig holds from ``grown``), on its device, in its dtype.
-    Megatron initialises the weights; growth overwrites every one of them."""
+    Megatron initialises the weights; growth overwrites every one of them.
+
+    The config's hooks (bound to the old DDP and optimizer until the job is rebuilt) are left out while the
+    model is built: megatron deep-copies the config where TP exceeds the query groups, and a process group
+    does not copy."""
     from megatron.core.models.gpt import GPTModel
 
+    config = grown_transformer_config(old.config, grown)
+    hooks = {field: getattr(config, field, None) for field in HOOK_FIELDS}
+    for field in hooks:
+        setattr(config, field, None)
     model = GPTModel(
-        config=grown_transformer_config(old.config, grown),
+        config=config,
         transformer_layer_spec=old.transformer_layer_spec,
         pre_process=old.pre_process,
         post_process=old.post_process,
         fp16_lm_cross_entropy=old.fp16_lm_cross_entropy,
         parallel_output=old.parallel_output,
-        **grown.gpt_model_kwargs(),
+        **grown.gpt_model_kwargs(old.config.tensor_model_parallel_size),
     )
+    for field, hook in hooks.items():
+        setattr(config, field, hook)
     model.to(next(old.parameters()).device)
     if grown.bf16:
         model.bfloat16()
+    mask = getattr(old, "vocab_mask", None)
+    if mask is not None:
+        VocabMask.install(model, grown, mask.tp_rank, mask.tp)
     return model
+
+
+class VocabMask:
+    """The real vocabulary of a GPTModel built with a padded one (Megatron-LM's ``make_vocab_size_divisible_by``).
+
+    Megatron-LM lets the padded rows take part in the softmax; mgrow masks their
+    logits to -inf (a forward hook on the output layer), so they get no gradient,
+    their rows keep the zeros they start with, and the model's function is the
+    same at every padding: a TP change that pads differently changes nothing.
+    The mask is kept as ``model.vocab_mask`` on every stage, so a live model says
+    what its real vocabulary is (:func:`mgrow.engine.describe.describe`).
+    """
+
+    def __init__(self, vocab_size: int, divisible_by: int, tp_rank: int, tp: int, columns: int):
+        self.vocab_size, self.divisible_by, self.tp_rank, self.tp = vocab_size, divisible_by, tp_rank, tp
+        self.real_columns = max(0, min(columns, vocab_size - tp_rank * columns))  # this rank's logits that are real
+
+    @classmethod
+    def install(cls, model, cfg: ModelConfig, tp_rank: int, tp: int) -> None:
+        """Mask ``model``'s padded logits (``cfg``: the model it was built for), if its vocabulary is padded."""
+        if model.vocab_size == cfg.vocab_size:
+            return
+        mask = cls(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp_rank, tp, model.vocab_size // tp)
+        model.vocab_mask = mask
+        if model.post_process:
+            model.output_layer.register_forward_hook(mask)
+
+    def __call__(self, module, args, output):
+        logits, bias = output
+        if self.real_columns == logits.shape[-1]:
+            return output
+        padded = torch.arange(logits.shape[-1], device=logits.device) >= self.real_columns
+        return logits.masked_fill(padded, float("-inf")), bias
+
+
+def real_vocab(model, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """This TP rank's logits of the real vocabulary (``model``: the GPTModel that computed them); it may hold
+    none."""
+    mask = getattr(model, "vocab_mask", None)
+    return logits if mask is None or logits is None else logits[..., : mask.real_columns]
+
+
+def largest_abs(tensor: torch.Tensor) -> float:
+    """max |tensor| as a float; 0.0 for an empty tensor (a TP rank that holds only vocabulary padding)."""
+    return float(tensor.abs().max()) if tensor.numel() else 0.0
 
 
 def all_finite(model) -> bool:
@@ -129,21 +192,14 @@ def by_global_name(model) -> dict[str, torch.nn.Parameter]:
     return {name: param for _, name, param in global_names(model)}
 
 
-def full_shape(param: torch.Tensor, layout: layout_table.TensorLayout, tp: int) -> tuple[int, ...]:
-    shape = list(param.shape)
-    if layout.partition_dim is not None:
-        shape[layout.partition_dim] *= tp
-    return tuple(shape)
-
-
 def load_full_tensors(model, cfg: ModelConfig, full_by_name, dims) -> None:
     """Copy this rank's TP shard of each full tensor (on any device) into the stage's parameters."""
     tp, tp_rank = dims.tp, dims.tp_rank
     with torch.no_grad():
         for _, name, param in global_names(model):
-            layout = layout_table.layout_of(name, cfg.gated_linear_unit)
-            full = full_by_name[name] if isinstance(full_by_name, dict) else full_by_name(name, full_shape(param, layout, tp))
-            expected = full_shape(param, layout, tp)
+            layout = layout_table.layout_of(name, cfg)
+            full = full_by_name[name] if isinstance(full_by_name, dict) else full_by_name(name, layout_table.full_shape(param.shape, layout, tp))
+            expected = layout_table.full_shape(param.shape, layout, tp)
             if tuple(full.shape) != expected:
                 raise ValueError(f"{name}: full tensor {tuple(full.shape)} does not fit shape {expected}")
             param.copy_(layout_table.tp_shard(full, layout, tp_rank, tp))
@@ -156,7 +212,7 @@ def gather_full_tensors(model, cfg: ModelConfig, dims) -> dict[str, torch.Tensor
     """
     local: dict[str, torch.Tensor] = {}
     for _, name, param in global_names(model):
-        layout = layout_table.layout_of(name, cfg.gated_linear_unit)
+        layout = layout_table.layout_of(name, cfg)
         local[name] = layout_table.tp_merge(collectives.all_gather(param.data, dims.tp_group, dims.tp), layout).cpu()
     # Stages hold different names: share them over the pipeline group.
     merged: dict[str, torch.Tensor] = {}

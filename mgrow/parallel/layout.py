@@ -10,13 +10,14 @@ initialisers and the checkpoint formats do.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from mgrow.core.model_config import ModelConfig
+from mgrow.core.model_config import ModelConfig, padded_vocab_size
 from mgrow.core.parameters import LAYER, MLP, layer_index
 
 
@@ -26,10 +27,15 @@ class TensorLayout:
     partition_dim: Optional[int]  # None: replicated on every TP rank
     stride: int = 1  # 2 for the gated fc1: each rank holds [gate_r; up_r]
     role: str = ""  # what the tensor is, for humans and error messages
+    vocab_parallel: bool = False  # rows are the vocabulary, padded as Megatron-LM pads it
+    # (vocab_size, make_vocab_size_divisible_by) of a vocab-parallel tensor of one model (set by layout_of):
+    # full tensors have vocab_size rows; the shards split them padded with zero rows (padded_vocab_size)
+    vocab: Optional[tuple[int, int]] = None
 
 
 TABLE = (
-    TensorLayout(r"embedding\.word_embeddings\.weight", 0, role="vocab-parallel embedding [V, h]"),
+    TensorLayout(r"embedding\.word_embeddings\.weight", 0, role="vocab-parallel embedding [V, h]",
+                 vocab_parallel=True),
     TensorLayout(r"embedding\.position_embeddings\.weight", None, role="learned positions [S, h]"),
     TensorLayout(LAYER + r"input_layernorm\.(weight|bias)", None, role="pre-attention norm [h]"),
     TensorLayout(LAYER + r"self_attention\.linear_qkv\.weight", 0,
@@ -45,25 +51,34 @@ TABLE = (
     TensorLayout(LAYER + MLP + r"linear_fc2\.bias", None, role="MLP (or expert) out bias [h]"),
     TensorLayout(LAYER + r"mlp\.router\.(weight|bias)", None, role="MoE router [E, h] (fp32), bias [E]"),
     TensorLayout(r"decoder\.final_layernorm\.(weight|bias)", None, role="final norm [h]"),
-    TensorLayout(r"output_layer\.weight", 0, role="vocab-parallel output layer [V, h]"),
+    TensorLayout(r"output_layer\.weight", 0, role="vocab-parallel output layer [V, h]", vocab_parallel=True),
 )
 _COMPILED = tuple((re.compile(row.pattern + "$"), row) for row in TABLE)
 _GATED_FC1 = re.compile(LAYER + MLP + r"linear_fc1\.(weight|bias)$")
 
 
-def layout_of(name: str, gated_linear_unit: bool = False) -> TensorLayout:
+def layout_of(name: str, cfg: ModelConfig) -> TensorLayout:
+    """The layout of global parameter ``name`` of model ``cfg``."""
     for regex, row in _COMPILED:
         if regex.match(name):
-            if gated_linear_unit and _GATED_FC1.match(name):
-                return TensorLayout(row.pattern, row.partition_dim, 2, row.role)
+            if cfg.gated_linear_unit and _GATED_FC1.match(name):
+                return dataclasses.replace(row, stride=2)
+            if row.vocab_parallel:
+                return dataclasses.replace(row, vocab=(cfg.vocab_size, cfg.make_vocab_size_divisible_by))
             return row
     raise KeyError(f"no megatron layout for parameter {name!r}")
 
 
 def tp_chunks(full: torch.Tensor, layout: TensorLayout, tp: int) -> list[torch.Tensor]:
-    """The TP shards of a full tensor, rank by rank (megatron's CPU init split)."""
+    """The TP shards of a full tensor, rank by rank (megatron's CPU init split; a vocabulary padded first)."""
     if layout.partition_dim is None:
         return [full] * tp
+    if layout.vocab is not None:
+        vocab, divisible_by = layout.vocab
+        if full.shape[0] != vocab:
+            raise ValueError(f"{layout.role}: {full.shape[0]} rows, the vocabulary has {vocab}")
+        padding = padded_vocab_size(vocab, divisible_by, tp) - vocab
+        full = torch.cat([full, full.new_zeros((padding, *full.shape[1:]))]) if padding else full
     pieces = torch.chunk(full, tp * layout.stride, dim=layout.partition_dim)
     return [torch.cat(pieces[r :: tp], dim=layout.partition_dim) for r in range(tp)]
 
@@ -73,12 +88,31 @@ def tp_shard(full: torch.Tensor, layout: TensorLayout, rank: int, tp: int) -> to
 
 
 def tp_merge(shards: list[torch.Tensor], layout: TensorLayout) -> torch.Tensor:
-    """Inverse of :func:`tp_chunks`."""
+    """Inverse of :func:`tp_chunks` (a vocabulary's padding rows dropped)."""
     if layout.partition_dim is None:
         return shards[0]
     dim, stride = layout.partition_dim, layout.stride
     per_rank = [torch.chunk(s, stride, dim=dim) for s in shards]
-    return torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+    full = torch.cat([per_rank[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+    return full if layout.vocab is None else full[: layout.vocab[0]]
+
+
+def full_shape(local_shape, layout: TensorLayout, tp: int) -> tuple[int, ...]:
+    """The full (global, unpadded) shape of a TP shard of ``local_shape``."""
+    shape = list(local_shape)
+    if layout.partition_dim is not None:
+        shape[layout.partition_dim] *= tp
+    if layout.vocab is not None:
+        shape[0] = layout.vocab[0]
+    return tuple(shape)
+
+
+def real_vocab_rows(layout: TensorLayout, tp_rank: int, tp: int) -> int:
+    """How many rows of TP rank ``tp_rank``'s shard of a vocab-parallel tensor are real vocabulary (the
+    padding is at the end, so they come first)."""
+    vocab, divisible_by = layout.vocab
+    per_rank = padded_vocab_size(vocab, divisible_by, tp) // tp
+    return max(0, min(per_rank, vocab - tp_rank * per_rank))
 
 
 def stages_of(name: str, cfg: ModelConfig, pp: int) -> tuple[int, ...]:

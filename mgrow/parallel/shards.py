@@ -17,8 +17,10 @@ from mgrow.parallel import collectives
 
 def gather_tp(shard: torch.Tensor, layout: layout_table.TensorLayout, dims) -> torch.Tensor:
     """The full tensor from this TP group's shards (replicated tensors are returned as they are)."""
-    if layout.partition_dim is None or dims.tp == 1:
+    if layout.partition_dim is None:
         return shard.detach().clone()
+    if dims.tp == 1:
+        return layout_table.tp_merge([shard.detach()], layout).clone()  # (a vocabulary's padding dropped)
     return layout_table.tp_merge(collectives.all_gather(shard.detach(), dims.tp_group, dims.tp), layout)
 
 
@@ -53,9 +55,9 @@ def move_between_stages(
 
 def _local_order(name: str, tmap, old_shape, new_cfg, tp: int):
     """The shard-local order of the grown tensor's TP dim, worked out on the CPU (index metadata)."""
-    layout = layout_table.layout_of(name, new_cfg.gated_linear_unit)
-    if tp == 1 or layout.partition_dim is None or tmap.old_name is None:
-        return layout, None
+    layout = layout_table.layout_of(name, new_cfg)
+    if tp == 1 or layout.partition_dim is None or tmap.old_name is None or layout.vocab_parallel:
+        return layout, None  # (growth never reorders the vocabulary)
     order = layout_table.shard_local_order(
         tmap.axes[layout.partition_dim].src.cpu(), old_shape[layout.partition_dim], layout, tp,
         layout_table.tp_unit(name, new_cfg),

@@ -12,7 +12,7 @@ import torch
 
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import is_norm_gain, parameter_shapes
-from mgrow.engine.model import build_gpt, by_global_name, gather_full_tensors, position_ids
+from mgrow.engine.model import build_gpt, by_global_name, gather_full_tensors, position_ids, real_vocab
 from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
 from mgrow.parallel.optimizer_state import MOMENTS
@@ -76,7 +76,7 @@ def reference_logits(cfg: ModelConfig, state: dict[str, torch.Tensor], tokens: t
     model.eval()
     tokens = tokens.to(dims.device)
     with torch.no_grad():
-        return model(tokens, position_ids(tokens), None).cpu()
+        return real_vocab(model, model(tokens, position_ids(tokens), None)).cpu()
 
 
 class RandomBatches:
@@ -108,7 +108,7 @@ def gather_state(engine, cfg: ModelConfig) -> dict[str, dict[str, torch.Tensor]]
     for name in parameter_shapes(cfg):
         if dims.stage not in layout_table.stages_of(name, cfg, dims.pp):
             continue
-        layout = layout_table.layout_of(name, cfg.gated_linear_unit)
+        layout = layout_table.layout_of(name, cfg)
         local["weight"][name] = gather_tp(state.master(params[name]), layout, dims).cpu()
         local["param"][name] = gather_tp(_model_value(params[name]), layout, dims).cpu()
         if has_moments:

@@ -21,7 +21,7 @@ import torch
 from mgrow.core import faults
 from mgrow.core.plan import fused_config
 from mgrow.engine.engines import build_engine
-from mgrow.engine.model import build_gpt, by_global_name
+from mgrow.engine.model import build_gpt, by_global_name, largest_abs
 from mgrow.ops.fusion import fuse_moment, fuse_tensor
 from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
@@ -43,11 +43,11 @@ def fuse(engine_a, engine_b, cfg):
 
     def full_of(name: str, read) -> list[torch.Tensor]:
         """A's and B's full tensor ``read(state, param)`` of parameter ``name`` (collective over TP)."""
-        layout = layout_table.layout_of(name, model_cfg.gated_linear_unit)
+        layout = layout_table.layout_of(name, model_cfg)
         return [gather_tp(read(state, params[name]), layout, dims) for params, state in sources]
 
     def fused_shard(name: str, fused: torch.Tensor) -> torch.Tensor:
-        return split_tp(fused, layout_table.layout_of(name, model_cfg.gated_linear_unit), dims)
+        return split_tp(fused, layout_table.layout_of(name, model_cfg), dims)
 
     engine = None
     try:
@@ -100,8 +100,7 @@ def logit_deviation(engine_a, engine_b, engine, tokens: torch.Tensor) -> dict:
     values = [0.0, 0.0, 0.0]
     if z_f is not None:
         average = (z_a.float() + z_b.float()) / 2
-        values = [float((z_f.float() - average).abs().max()), float(average.abs().max()),
-                  float((z_a.float() - z_b.float()).abs().max())]
+        values = [largest_abs(z_f.float() - average), largest_abs(average), largest_abs(z_a.float() - z_b.float())]
     dims = engine.dims
     return {"max_abs_logit_diff_vs_average": collectives.reduce_scalar(dims, values[0], "max"),
             "max_abs_logit_average": collectives.reduce_scalar(dims, values[1], "max"),

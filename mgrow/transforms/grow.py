@@ -38,7 +38,7 @@ from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan, load_plan
 from mgrow.core.tolerances import preservation_tol
-from mgrow.engine.model import by_global_name
+from mgrow.engine.model import by_global_name, largest_abs
 from mgrow.engine.protocols import GrowableJob
 from mgrow.ops import carry_moment
 from mgrow.ops.plan import free_values, grow_one, original_source, steps as bind_steps
@@ -122,7 +122,7 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
     diff = None
     if check_tokens is not None:
         diff = _max_abs_diff(dims, before, new_job.logits(check_tokens))
-        scale = collectives.reduce_scalar(dims, 0.0 if before is None else float(before.float().abs().max()), "max")
+        scale = collectives.reduce_scalar(dims, 0.0 if before is None else largest_abs(before.float()), "max")
         tol = preservation_tol(scale, grown.num_layers, grown.bf16)
         if not diff <= tol:  # also a NaN or an infinity, before or after
             new_job.destroy()
@@ -201,7 +201,7 @@ class _Mover:
         new = by_global_name(new_model)
 
         def read(source):
-            layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
+            layout = layout_table.layout_of(source, self.old_cfg)
             return gather_tp(state.master(old[source]), layout, self.dims)
 
         for name in self.new_shapes:
@@ -246,7 +246,7 @@ class _Mover:
             source, holders, destinations = self._route(name)
             if source is None:
                 continue  # a new tensor: its moments stay 0
-            layout = layout_table.layout_of(source, self.old_cfg.gated_linear_unit)
+            layout = layout_table.layout_of(source, self.old_cfg)
             error = None
             for key in MOMENTS:
                 read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.dims)  # noqa: E731
@@ -264,5 +264,5 @@ class _Mover:
 
 
 def _max_abs_diff(dims, before, after) -> float:
-    local = 0.0 if before is None else float((after.float() - before.float()).abs().max())
+    local = 0.0 if before is None else largest_abs(after.float() - before.float())
     return collectives.reduce_scalar(dims, local, "max")

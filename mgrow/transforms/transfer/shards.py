@@ -14,7 +14,7 @@ import torch
 
 from mgrow.checkpoint.megatron_format import MODEL_DIR
 from mgrow.core.model_config import ModelConfig
-from mgrow.engine.model import build_gpt, full_shape, global_names, position_ids
+from mgrow.engine.model import build_gpt, global_names, largest_abs, position_ids, real_vocab
 from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
 from mgrow.parallel.shards import gather_tp
@@ -42,11 +42,11 @@ def copy_shared(source_model, source_cfg: ModelConfig, target_model, target_cfg:
             rule = rules.rule_for(name, components, source_cfg, target_cfg)
             if rule is None:
                 continue
-            source_layout = layout_table.layout_of(rule.source, source_cfg.gated_linear_unit)
+            source_layout = layout_table.layout_of(rule.source, source_cfg)
             full = rules.apply_rule(rule, gather_tp(sources[rule.source].data, source_layout, dims).float(),
                                     source_cfg, target_cfg)
-            layout = layout_table.layout_of(name, target_cfg.gated_linear_unit)
-            expected = full_shape(param, layout, tp)
+            layout = layout_table.layout_of(name, target_cfg)
+            expected = layout_table.full_shape(param.shape, layout, tp)
             if tuple(full.shape) != expected:
                 raise ValueError(f"{name}: transferred tensor {tuple(full.shape)} does not fit shape {expected}")
             param.copy_(layout_table.tp_shard(full, layout, tp_rank, tp))
@@ -63,5 +63,5 @@ def max_logit_diff(source_model, target_model, tokens: torch.Tensor, dims):
     with torch.no_grad():
         for model in (source_model, target_model):
             model.eval()
-            logits.append(model(tokens, position_ids(tokens), None).float())  # this TP rank's vocab slice
-    return collectives.reduce_scalar(dims, float((logits[1] - logits[0]).abs().max()), "max", dims.tp_group)
+            logits.append(real_vocab(model, model(tokens, position_ids(tokens), None)).float())  # this rank's slice
+    return collectives.reduce_scalar(dims, largest_abs(logits[1] - logits[0]), "max", dims.tp_group)
