@@ -29,7 +29,9 @@ def _verify_arguments(parser) -> None:
     parser.add_argument("--model", help="model YAML (ModelConfig keys, e.g. configs/models/tiny.yaml)")
     parser.add_argument("--plan", action="append",
                         help="growth plan YAML (e.g. configs/plans/all_ops.yaml); repeat to check several")
-    parser.add_argument("--before", help="checkpoint A: compare its logits with --after's instead of growing a model")
+    parser.add_argument("--before", help="checkpoint A (any format grow-checkpoint reads): compare its logits with "
+                                         "--after's instead of growing a model; --model describes a checkpoint "
+                                         "that does not describe itself")
     parser.add_argument("--after", help="checkpoint B (e.g. made from A by mgrow grow-checkpoint)")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL, help="largest max-abs logit difference accepted")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random model and tokens")
@@ -45,9 +47,14 @@ def _verify_arguments(parser) -> None:
 
 
 def _grow_checkpoint_arguments(parser) -> None:
-    parser.add_argument("--in", dest="source", required=True, help="checkpoint to grow (a root or a step folder)")
+    parser.add_argument("--in", dest="source", required=True,
+                        help="checkpoint to grow: mgrow's (a root or a step folder), Megatron-LM's (a save folder or "
+                             "an iter_NNNNNNN folder), a dist_checkpointing folder or a DeepSpeed checkpoint folder")
     parser.add_argument("--plan", required=True, help="growth plan YAML")
-    parser.add_argument("--out", required=True, help="checkpoint root to write the grown checkpoint into")
+    parser.add_argument("--out", required=True, help="where to write the grown checkpoint, in --in's format (a root; "
+                                                     "the folder itself for dist_checkpointing)")
+    parser.add_argument("--model", default=None, help="model YAML of a dist_checkpointing or DeepSpeed checkpoint "
+                                                      "that does not describe its model (one mgrow wrote does)")
     for flag in ("tp", "pp", "dp"):
         parser.add_argument(f"--{flag}", type=int, default=None, help=f"{flag} of the job that grows it "
                                                                       "(default: the checkpoint's)")

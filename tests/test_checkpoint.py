@@ -239,7 +239,7 @@ def test_a_plan_that_does_not_fit_the_checkpoint_is_refused(megatron_run, tmp_pa
     with pytest.raises(ConfigError) as caught:
         grow_command(argparse.Namespace(source=str(megatron_run[0] / "ckpt"), plan=str(plan),
                                         out=str(tmp_path / "out"), tp=None, pp=None, dp=None, device="auto",
-                                        backend="auto"))
+                                        backend="auto", model=None))
     assert caught.value.field == f"--plan {plan}: ops[0].mlp.ffn_hidden_size", caught.value
     assert "step_00000009" in caught.value.rule
     assert main(["grow-checkpoint", "--in", str(tmp_path / "nowhere"), "--plan", str(plan), "--out", "x"]) == 2

@@ -32,11 +32,10 @@ UNIVERSAL = "universal"
 def universal_checkpoint_info(engine) -> dict:
     """megatron's TP layout of this model's parameters, as DeepSpeed's universal checkpoint patterns."""
     names = [name for name, _ in engine.module.named_parameters()]
-    gated = engine.cfg.model.gated_linear_unit
     kinds: dict[str, list] = {"tp_replicated_parameter_patterns": [], "parameter_with_row_parallelism_patterns": [],
                               "parameter_with_2_sub_params_cat_dim_0": [], "vocabulary_parameter_patterns": []}
     for name in names:
-        layout = layout_table.layout_of(name, gated)
+        layout = layout_table.layout_of(name, engine.cfg.model)
         if layout.partition_dim is None:
             kind = "tp_replicated_parameter_patterns"
         elif layout.partition_dim == 1:
@@ -104,13 +103,14 @@ def _repair_stage3_universal_load(zero, universal: Path) -> None:
 
 
 def _load_plain(path: Path):
-    """A DeepSpeed file as tensors and plain data (``weights_only``): the two DeepSpeed classes its files hold
-    (the ZeRO stage enum, the loss scaler's plain attributes) are allowed by name; anything else is refused
-    instead of run."""
+    """A DeepSpeed file as tensors and plain data (``weights_only``): the DeepSpeed classes its files hold
+    (the ZeRO stage enum, the loss scaler's plain attributes, the (start, numel) fragment addresses of a ZeRO
+    partition) are allowed by name; anything else is refused instead of run."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

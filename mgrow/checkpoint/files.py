@@ -53,8 +53,9 @@ class Progress:
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "Progress":
-        saved = metadata["progress"]
-        return cls(**{**saved, "rewarm": None if saved["rewarm"] is None else tuple(saved["rewarm"])})
+        saved = metadata["progress"]  # (another tool's checkpoint gives the step and data position only)
+        rewarm = saved.get("rewarm")
+        return cls(**{**saved, "rewarm": None if rewarm is None else tuple(rewarm)})
 
 
 def step_name(step: int) -> str:

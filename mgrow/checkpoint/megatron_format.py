@@ -22,9 +22,14 @@ from __future__ import annotations
 
 import os
 import queue
+from typing import Optional
+
+import torch
 
 MODEL_DIR = "model"
-_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+FULLY_RESHARDABLE = "fully_reshardable"
+# DistributedOptimizer formats that load on any TP/PP layout (the others only on the TP x PP that saved them)
+RESHARDABLE = (FULLY_RESHARDABLE, "fully_sharded_model_space")
 
 
 def _distributed(engine):
@@ -34,24 +39,31 @@ def _distributed(engine):
     return inner if isinstance(inner, DistributedOptimizer) else None
 
 
-def _sharded_state_dict(engine, is_loading: bool) -> dict:
+def sharded_state(engine, is_loading: bool, sharding_type: str = FULLY_RESHARDABLE, optimizer: bool = True) -> dict:
+    """``{"model": ..., "optimizer": ...}`` as megatron-core's own ``sharded_state_dict`` calls make them (the
+    DistributedOptimizer's parameter state in ``sharding_type``; no optimizer entry with ``optimizer=False``)."""
     model = engine.ddp.module.sharded_state_dict()
+    if not optimizer:
+        return {"model": model}
     distributed = _distributed(engine)
     if is_loading and distributed is not None and not distributed.optimizer.state:
         distributed._init_optimizer_states_with_dummy_values()  # bug 1; every value is overwritten by the load
-    kwargs = {"metadata": _METADATA} if distributed is not None else {}
-    optimizer = engine.optimizer.sharded_state_dict(model, is_loading, **kwargs)
-    return {"model": model, "optimizer": optimizer}
+    kwargs = {"metadata": {"distrib_optim_sharding_type": sharding_type}} if distributed is not None else {}
+    return {"model": model, "optimizer": engine.optimizer.sharded_state_dict(model, is_loading, **kwargs)}
+
+
+def write(state: dict, directory: str, content_metadata: Optional[dict] = None) -> None:
+    """Collective: ``dist_checkpointing.save`` of ``state`` into ``directory``, synchronously."""
+    from megatron.core import dist_checkpointing
+
+    _in_process_results_queue()
+    os.makedirs(directory, exist_ok=True)
+    dist_checkpointing.save(state, directory, content_metadata=content_metadata)
 
 
 def save(engine, folder: str) -> None:
     """Collective: every rank writes its part of ``<folder>/model``."""
-    from megatron.core import dist_checkpointing
-
-    _in_process_results_queue()
-    directory = os.path.join(folder, MODEL_DIR)
-    os.makedirs(directory, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(engine, is_loading=False), directory)
+    write(sharded_state(engine, is_loading=False), os.path.join(folder, MODEL_DIR))
 
 
 def _in_process_results_queue() -> None:
@@ -71,26 +83,54 @@ def _in_process_results_queue() -> None:
 
 def load(engine, folder: str, metadata: dict) -> None:
     """Collective: fill ``engine``'s model and optimizer from ``<folder>/model``, whatever layout saved it."""
+    load_from(engine, os.path.join(folder, MODEL_DIR))
+
+
+def load_from(engine, directory: str, sharding_type: str = FULLY_RESHARDABLE, optimizer: bool = True,
+              extra: Optional[dict] = None) -> dict:
+    """Collective: fill ``engine``'s model (and optimizer) from the dist_checkpointing folder ``directory``,
+    whose DistributedOptimizer state is in ``sharding_type``. ``extra``: more sharded entries to read (e.g.
+    Megatron-LM's ``rng_state``); returns what was loaded for them."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_sharded_state_dict(engine, is_loading=True), os.path.join(folder, MODEL_DIR))
+    request = {**sharded_state(engine, True, sharding_type, optimizer), **(extra or {})}
+    state = dist_checkpointing.load(request, directory)
     engine.ddp.module.load_state_dict(state["model"])
+    if optimizer:
+        _load_optimizer(engine, state["optimizer"])
+    return {key: state[key] for key in (extra or {})}
+
+
+def _load_optimizer(engine, optimizer: dict) -> None:
     distributed = _distributed(engine)
     if distributed is None:
-        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.optimizer.load_state_dict(optimizer)
         return
-    optimizer = state["optimizer"]
     param_state = optimizer.pop("param_state")
-    optimizer.pop("param_state_sharding_type")
+    loader = _PARAMETER_STATE_LOADERS[optimizer.pop("param_state_sharding_type")]
     distributed.load_state_dict(optimizer)  # param groups, and Adam's step from them
-    # Bug 2: the per-parameter copy expects every state key, but the loaded tensors leave out ``step``.
     inner = distributed.optimizer.state
+    # Bug 2: the per-parameter copy writes every state key it finds, ``step`` included, from tensors that leave
+    # it out (fully_reshardable) or hold the placeholder state's (dp_reshardable): the steps stay out of it.
     # (an optimizer that keeps its step in the param groups, FusedAdam, has none here)
     steps = {param: state.pop("step") for param, state in inner.items() if "step" in state}
     try:
-        distributed.load_parameter_state_from_fully_reshardable(param_state)
+        with torch.no_grad():  # (megatron's own call of the dp_zero loader runs without autograd too)
+            getattr(distributed, loader)(param_state)
     finally:
-        # Bug 3: load_state_dict gives every parameter the same ``step`` tensor, which torch's AdamW then
-        # increments once per parameter at each step; every parameter gets its own.
-        for param, step in steps.items():
-            inner[param]["step"] = step.clone()
+        _own_steps(inner, steps)
+
+
+_PARAMETER_STATE_LOADERS = {
+    FULLY_RESHARDABLE: "load_parameter_state_from_fully_reshardable",
+    "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
+    "dp_reshardable": "load_parameter_state_from_dp_reshardable",
+    "dp_zero_gather_scatter": "load_parameter_state_from_dp_zero",
+}
+
+
+def _own_steps(inner: dict, steps: dict) -> None:
+    """Bug 3: load_state_dict gives every parameter the same ``step`` tensor, which torch's AdamW then increments
+    once per parameter at each step; every parameter gets its own."""
+    for param, step in steps.items():
+        inner[param]["step"] = step.clone()

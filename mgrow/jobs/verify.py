@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from mgrow.checkpoint.files import open_checkpoint
+from mgrow.checkpoint.sources import DEEPSPEED, open_source
 from mgrow.core.errors import ConfigError
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.plan import Plan, load_plan
@@ -39,8 +39,8 @@ class GrowthCheck:
 
 def main(args) -> int:
     if args.before is not None or args.after is not None:
-        if args.before is None or args.after is None or args.model or args.plan:
-            raise ConfigError("--before", "checkpoints are compared as --before A --after B, without --model/--plan")
+        if args.before is None or args.after is None or args.plan:
+            raise ConfigError("--before", "checkpoints are compared as --before A --after B, without --plan")
         return _compare(args)
     for flag in ("model", "plan"):
         if not getattr(args, flag):
@@ -101,15 +101,50 @@ def _reference(args, cfg: ModelConfig, plans: list[Plan]) -> int:
 
 
 def _compare(args) -> int:
-    checkpoints = [open_checkpoint(args.before, "--before"), open_checkpoint(args.after, "--after")]
+    checkpoints = [open_source(args.before, "--before", args.model), open_source(args.after, "--after", args.model)]
     vocab = {model.vocab_size for _, _, model in checkpoints}
     if len(vocab) != 1:
         raise ConfigError("--after", f"the checkpoints have different vocabularies ({sorted(vocab)}): their "
                                      "logits cannot be compared")
+    deepspeed = [metadata["layout"] for _, metadata, _ in checkpoints if metadata.get("source_format") == DEEPSPEED]
+    if deepspeed:  # the users' engines, made again on the layout that saved them (ZeRO partitions do not move)
+        if len(deepspeed) != 2 or deepspeed[0] != deepspeed[1]:
+            raise ConfigError("--after", "a DeepSpeed checkpoint is compared with a DeepSpeed checkpoint of the same "
+                                         f"layout (grow-checkpoint writes one); layouts {deepspeed}")
+        compare = DeepSpeedCompare(tuple(checkpoints), args.tol, args.seed, args.device, args.backend)
+        return execute(RankJob(deepspeed[0]["tp"] * deepspeed[0]["dp"], run_deepspeed_compare, compare))
+    from mgrow.checkpoint.sources import on_any_layout
     from mgrow.parallel.dims import init_single_process
     from mgrow.testing.invariants import compare_checkpoints
 
+    # compared on one rank: an optimizer state that loads only on its own TP x PP is left out (no moments)
+    checkpoints = [(folder, on_any_layout(metadata), model) for folder, metadata, model in checkpoints]
     dims = init_single_process(device=args.device, backend=args.backend)
     report = compare_checkpoints(checkpoints, dims, args.tol, args.seed)
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
+
+
+@dataclass(frozen=True)
+class DeepSpeedCompare:
+    checkpoints: tuple
+    tol: float
+    seed: int
+    device: str
+    backend: str
+
+
+def run_deepspeed_compare(compare: DeepSpeedCompare) -> int:
+    """One rank of the comparison of two DeepSpeed checkpoints' logits; rank 0 prints the report."""
+    from mgrow.parallel.dims import init_distributed, shutdown
+    from mgrow.testing.invariants import compare_deepspeed_checkpoints
+
+    try:
+        layout = compare.checkpoints[0][1]["layout"]
+        dims = init_distributed(layout["tp"], 1, compare.seed, device=compare.device, backend=compare.backend)
+        report = compare_deepspeed_checkpoints(list(compare.checkpoints), dims, compare.tol, compare.seed)
+        if dims.rank == 0:
+            print(json.dumps(report), flush=True)
+        return 0 if report["ok"] else 1
+    finally:
+        shutdown()

@@ -40,9 +40,10 @@ from mgrow.core import memory
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan
+from mgrow.checkpoint import deepspeed_user
 from mgrow.core.tolerances import bf16_logit_tol
 from mgrow.engine.engines import build_engine
-from mgrow.engine.model import build_gpt
+from mgrow.engine.model import build_gpt, largest_abs
 from mgrow.ops import Kind, apply_to_optimizer_state, carry
 from mgrow.ops.plan import apply_plan
 from mgrow.parallel import collectives
@@ -198,14 +199,15 @@ def step_equivalence(local: ShardLocal, old_after: dict, grown_after: dict) -> f
 def compare_checkpoints(checkpoints: list, dims, tol: float, seed: int) -> dict:
     """Logits of two checkpoints' models (``checkpoints``: two (folder, metadata, model)) on one batch, and, when
     they hold the same model, their weights and Adam moments (max-abs; 0.0 = bitwise)."""
-    seq = min(min(m.max_sequence_length for _, _, m in checkpoints), checkpoints[0][1]["config"]["train"]["seq_length"])
+    seq = min(min(m.max_sequence_length for _, _, m in checkpoints),
+              checkpoints[0][1]["config"].get("train", {}).get("seq_length", 64))
     tokens = random_tokens(checkpoints[0][2], seed, batch=2, seq=seq)
     same_model = checkpoints[0][2] == checkpoints[1][2]
     logits, params, states = [], [], []
     for folder, metadata, model in checkpoints:
+        params.append(model.num_parameters())
         engine, _, _ = restored_engine(folder, metadata, dims)
         logits.append(engine.logits(tokens).float())
-        params.append(model.num_parameters())
         if same_model:
             states.append(gather_state(engine, model))
         engine.destroy()
@@ -217,11 +219,28 @@ def compare_checkpoints(checkpoints: list, dims, tol: float, seed: int) -> dict:
             "tol": tol, "ok": diff <= tol}
 
 
+def compare_deepspeed_checkpoints(checkpoints: list, dims, tol: float, seed: int) -> dict:
+    """Collective, on the layout that saved them: the logits of two DeepSpeed checkpoints' models, each loaded
+    into the user's engine made again (:func:`mgrow.checkpoint.deepspeed_user.restored_job`)."""
+    model = checkpoints[0][2]
+    tokens = random_tokens(model, seed, batch=2, seq=min(64, model.max_sequence_length))
+    logits = []
+    for folder, metadata, _ in checkpoints:
+        job = deepspeed_user.restored_job(folder, metadata, dims)
+        logits.append(job.logits(tokens).float())  # this TP rank's vocabulary slice
+        job.destroy()
+    diff = collectives.reduce_scalar(dims, largest_abs(logits[1] - logits[0]), "max")
+    return {"before": str(checkpoints[0][0]), "after": str(checkpoints[1][0]),
+            "params_before": checkpoints[0][2].num_parameters(), "params_after": checkpoints[1][2].num_parameters(),
+            "max_abs_logit_diff": diff, "max_abs_logit": collectives.reduce_scalar(dims, largest_abs(logits[0]), "max"),
+            "max_abs_weight_diff": None, "max_abs_moments_diff": None, "tol": tol, "ok": diff <= tol}
+
+
 def _state_diff(states: list, keys: tuple) -> Optional[float]:
     """Max-abs difference of two gathered states over ``keys`` (None when a checkpoint has no moments yet)."""
     worst = 0.0
     for key in keys:
-        a, b = states[0][key], states[1][key]
+        a, b = states[0].get(key, {}), states[1].get(key, {})
         if a.keys() != b.keys() or not a:
             return None
         worst = max([worst] + [float((a[name] - b[name]).abs().max()) for name in a])
@@ -229,4 +248,4 @@ def _state_diff(states: list, keys: tuple) -> Optional[float]:
 
 
 def _max_abs_logit(dims, logits) -> float:
-    return collectives.reduce_scalar(dims, 0.0 if logits is None else float(logits.float().abs().max()), "max")
+    return collectives.reduce_scalar(dims, 0.0 if logits is None else largest_abs(logits.float()), "max")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mgrow.checkpoint.files import Progress
-from mgrow.checkpoint.state import load
+from mgrow.checkpoint.sources import load
 from mgrow.core.model_config import ModelConfig
 from mgrow.engine.engines import build_engine
 from mgrow.engine.model import build_gpt
@@ -17,7 +17,7 @@ def training_config(metadata: dict, dims) -> TrainConfig:
     model = ModelConfig.from_dict(metadata["model"]).at_pipeline(dims.pp).to_dict()
     raw = {**metadata["config"], "model": model, "parallel": parallel,
            "growth": None, "wandb": None, "checkpoint": {}}
-    raw["train"] = {**raw["train"], "metrics_path": None, "progress": False}
+    raw["train"] = {**raw.get("train", {}), "metrics_path": None, "progress": False}
     return from_dict(raw)
 
 
