@@ -73,9 +73,9 @@ def _losses(result) -> dict:
     return {r["step"]: r["loss"] for r in result.metrics if "loss" in r}
 
 
-def _config(tmp_path, tp, **checkpoint):
+def _config(tmp_path, tp, optimizer="megatron", **checkpoint):
     return write_config(tmp_path, model={"vocab_size": GPT2_VOCAB}, parallel={"tp": tp},
-                        optimizer={"type": "megatron", "decay_steps": 4}, train={"steps": 4}, checkpoint=checkpoint)
+                        optimizer={"type": optimizer, "decay_steps": 4}, train={"steps": 4}, checkpoint=checkpoint)
 
 
 def test_training_and_a_resume_from_tp2_to_tp4_see_one_model(tmp_path):
@@ -88,5 +88,15 @@ def test_training_and_a_resume_from_tp2_to_tp4_see_one_model(tmp_path):
     assert sorted(reference) == [1, 2, 3, 4]
     assert max(abs(single[s] - reference[s]) for s in reference) <= TOL, (single, reference)
     resumed = _losses(train_job(tmp_path, 4, _config(tmp_path, 4, load=str(tmp_path / "ckpt" / "step_00000002"))))
+    assert sorted(resumed) == [3, 4]
+    assert max(abs(resumed[s] - reference[s]) for s in resumed) <= TOL, (resumed, reference)
+
+
+def test_a_zero2_checkpoint_resumes_on_a_tp_size_that_pads_differently(tmp_path):
+    """DP2 ZeRO-2 at TP 1 (50304 rows) resumed at TP 2 (50432 rows) through DeepSpeed's universal checkpoint,
+    which strips the padding to the real vocabulary and pads again for the new TP."""
+    reference = _losses(train_job(tmp_path, 2, _config(tmp_path, 1, "zero2", save=str(tmp_path / "ckpt"), interval=2)))
+    resumed = _losses(train_job(tmp_path, 2, _config(tmp_path, 2, "zero2",
+                                                      load=str(tmp_path / "ckpt" / "step_00000002"))))
     assert sorted(resumed) == [3, 4]
     assert max(abs(resumed[s] - reference[s]) for s in resumed) <= TOL, (resumed, reference)
