@@ -157,6 +157,19 @@ CASES = [
          env={"corrupt": "other model"}),
     Case("checkpoint to load does not exist", "checkpoint.load: /nonexistent/ckpt does not exist",
          {"checkpoint": {"load": "/nonexistent/ckpt"}}),
+    Case("grow-checkpoint of a folder that holds no checkpoint", "--in: {tmp}/empty holds no checkpoint mgrow "
+         "reads; expected an mgrow root or step folder",
+         argv=("grow-checkpoint", "--in", "{tmp}/empty", "--plan", str(REPO / "configs/plans/all_ops.yaml"),
+               "--out", "{tmp}/out"), files={"empty": None}),
+    Case("grow-checkpoint of a half-written Megatron-LM iteration", "{tmp}/mlm/iter_0000004/metadata.json: "
+         "missing: dist_checkpointing writes it last, so the iteration folder is half-written",
+         argv=("grow-checkpoint", "--in", "{tmp}/mlm", "--plan", str(REPO / "configs/plans/all_ops.yaml"),
+               "--out", "{tmp}/out"),
+         files={"mlm/latest_checkpointed_iteration.txt": "4", "mlm/iter_0000004": None}),
+    Case("grow-checkpoint of a DeepSpeed root whose latest names nothing", "{tmp}/ds/latest: names 'global_step9', "
+         "which holds neither mgrow.json nor mp_rank_00_model_states.pt",
+         argv=("grow-checkpoint", "--in", "{tmp}/ds", "--plan", str(REPO / "configs/plans/all_ops.yaml"),
+               "--out", "{tmp}/out"), files={"ds/latest": "global_step9"}),
     # launcher environment
     Case("world size not a multiple of tp*pp", "parallel: tp*pp = 2*1 = 2 must divide the world size 3",
          {"parallel": {"tp": 2}}, ranks=3),
@@ -206,6 +219,7 @@ def prepare(case: Case, tmp_path: Path, checkpoint: Path) -> list[str]:
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)
     for name, text in case.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         if text is None:
             (tmp_path / name).mkdir()
         else:

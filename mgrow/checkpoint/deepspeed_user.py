@@ -27,41 +27,22 @@ import os
 from pathlib import Path
 
 from mgrow.checkpoint.deepspeed_format import _load_plain
-from mgrow.checkpoint.described import MODEL_KEY, described_model
+from mgrow.checkpoint.foreign import MODEL_KEY, deepspeed_model_states, described_model
 from mgrow.core.errors import CheckpointError, ConfigError
 from mgrow.core.model_config import ModelConfig
 
-# TP rank 0's model states (ZeRO-3 writes one per DP rank too, named after both)
-MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 # Group keys the optimizer keeps or the scheduler sets; every other key is the user's group setting.
 _NOT_SETTINGS = ("params", "step", "lr", "initial_lr")
-
-
-def model_states(folder: Path) -> Path:
-    for name in MODEL_STATES:
-        if (folder / name).exists():
-            return folder / name
-    raise CheckpointError(str(folder / MODEL_STATES[0]), "missing: the tag folder is not a complete DeepSpeed "
-                                                         "checkpoint")
-
-
-def resolve(path: Path) -> Path:
-    """The tag folder: ``path`` itself, or the one its ``latest`` names."""
-    if any((path / name).exists() for name in MODEL_STATES):
-        return path
-    folder = path / (path / "latest").read_text().strip()
-    model_states(folder)
-    return folder
 
 
 def metadata_of(folder: Path, field: str, model_path) -> dict:
     """mgrow's description of a DeepSpeed tag folder: the model (stored by mgrow, else ``model_path``), the
     layout, the DeepSpeed config, the param groups by name with their settings, the step."""
-    states = _load_plain(model_states(folder))
+    states = _load_plain(deepspeed_model_states(folder))
     model = described_model(states.get(MODEL_KEY), model_path, folder, "DeepSpeed")
     config = states.get("ds_config")
     if not isinstance(config, dict):
-        raise CheckpointError(str(model_states(folder)), "holds no DeepSpeed config ('ds_config')")
+        raise CheckpointError(str(deepspeed_model_states(folder)), "holds no DeepSpeed config ('ds_config')")
     stage = int((config.get("zero_optimization") or {}).get("stage", 0))
     names = [list(shapes) for shapes in states["param_shapes"]]
     settings = _group_settings(folder, stage, states, len(names))

@@ -34,35 +34,15 @@ import torch
 import torch.distributed as dist
 
 from mgrow.checkpoint import megatron_format
+from mgrow.checkpoint.foreign import MEGATRON_LM_TRACKER as TRACKER
 from mgrow.core.errors import CheckpointError, ConfigError
 from mgrow.core.model_config import ModelConfig
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 
 
 def iteration_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def resolve(path: Path) -> Path:
-    """The iteration folder a Megatron-LM save folder's tracker names (or ``path`` itself, an iteration
-    folder); refuses a tracker that names nothing, or a folder dist_checkpointing has not finished."""
-    folder = path
-    if (path / TRACKER).is_file():
-        text = (path / TRACKER).read_text().strip()
-        if text == "release":
-            folder = path / "release"
-        elif text.isdigit():
-            folder = path / iteration_name(int(text))
-        else:
-            raise CheckpointError(str(path / TRACKER), f"must hold an iteration number or 'release', holds {text!r}")
-        if not folder.is_dir():
-            raise CheckpointError(str(path / TRACKER), f"names {folder.name}, which is not there")
-    if not (folder / "metadata.json").is_file():
-        raise CheckpointError(str(folder / "metadata.json"), "missing: dist_checkpointing writes it last, so the "
-                                                             "iteration folder is half-written")
-    return folder
 
 
 def read_common(folder: Path) -> dict:

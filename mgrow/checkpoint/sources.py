@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Optional
 
 from mgrow.checkpoint import files
-from mgrow.checkpoint.described import LAYOUT_KEY, MODEL_KEY, described_model
+from mgrow.checkpoint.foreign import (DEEPSPEED_MODEL_STATES, LAYOUT_KEY, MEGATRON_LM_TRACKER, MODEL_KEY,
+                                     deepspeed_tag_folder, described_model, megatron_lm_iteration)
 from mgrow.core.errors import CheckpointError, ConfigError
 from mgrow.core.model_config import ModelConfig
 
 MGROW, MEGATRON_LM, DIST_CHECKPOINT, DEEPSPEED = "mgrow", "megatron-lm", "dist-checkpoint", "deepspeed"
-_TRACKER = "latest_checkpointed_iteration.txt"
-_DEEPSPEED_MODEL = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # (ZeRO-3's)
 EXPECTED = ("an mgrow root or step folder (latest, step_*/mgrow.json), a Megatron-LM save folder "
             "(latest_checkpointed_iteration.txt, iter_NNNNNNN/), a dist_checkpointing folder (metadata.json, "
             "common.pt) or a DeepSpeed checkpoint folder (latest, <tag>/mp_rank_00_model_states.pt)")
@@ -44,21 +43,22 @@ def detect(path: str, field: str) -> str:
         raise ConfigError(field, f"{path} is a file; a checkpoint is a folder: {EXPECTED}")
     if (folder / files.METADATA).exists() or folder.name.startswith("step_"):
         return MGROW
-    if (folder / _TRACKER).exists() or (folder.name.startswith("iter_") and (folder.parent / _TRACKER).exists()):
+    if (folder / MEGATRON_LM_TRACKER).exists() or (folder.name.startswith("iter_")
+                                                   and (folder.parent / MEGATRON_LM_TRACKER).exists()):
         return MEGATRON_LM
     if (folder / "metadata.json").exists() or (folder / "common.pt").exists():
         return DIST_CHECKPOINT
-    if any((folder / name).exists() for name in _DEEPSPEED_MODEL):
+    if any((folder / name).exists() for name in DEEPSPEED_MODEL_STATES):
         return DEEPSPEED
     latest = folder / files.LATEST
     if latest.is_file():
         name = latest.read_text().strip()
         if name.startswith("step_"):
             return MGROW
-        if any((folder / name / model).exists() for model in _DEEPSPEED_MODEL):
+        if any((folder / name / model).exists() for model in DEEPSPEED_MODEL_STATES):
             return DEEPSPEED
         raise CheckpointError(str(latest), f"names {name!r}, which holds neither mgrow.json nor "
-                                           f"{_DEEPSPEED_MODEL[0]} (a checkpoint still being written, or removed)")
+                                           f"{DEEPSPEED_MODEL_STATES[0]} (a checkpoint still being written, or removed)")
     raise ConfigError(field, f"{path} holds no checkpoint mgrow reads; expected {EXPECTED}")
 
 
@@ -69,27 +69,27 @@ def open_source(path: str, field: str, model_path: Optional[str] = None) -> tupl
     if kind == MGROW:
         return files.open_checkpoint(path, field)
     if kind == MEGATRON_LM:
+        folder = megatron_lm_iteration(Path(path))
         from mgrow.checkpoint import megatron_lm
 
-        folder = megatron_lm.resolve(Path(path))
         metadata = megatron_lm.metadata_of(folder, field)
     elif kind == DIST_CHECKPOINT:
         folder = Path(path)
         metadata = _dist_checkpoint_metadata(folder, field, model_path)
     else:
+        folder = deepspeed_tag_folder(Path(path))
         from mgrow.checkpoint import deepspeed_user
 
-        folder = deepspeed_user.resolve(Path(path))
         metadata = deepspeed_user.metadata_of(folder, field, model_path)
     return folder, metadata, ModelConfig.from_dict(metadata["model"])
 
 
 def _dist_checkpoint_metadata(folder: Path, field: str, model_path: Optional[str]) -> dict:
-    from mgrow.checkpoint import megatron_format, megatron_lm
-
     if not (folder / "metadata.json").exists():
         raise CheckpointError(str(folder / "metadata.json"), "missing: dist_checkpointing writes it last, so the "
                                                              "folder is half-written")
+    from mgrow.checkpoint import megatron_format, megatron_lm
+
     common = megatron_lm.read_common(folder)
     model = described_model(common.get(MODEL_KEY), model_path, folder, "dist_checkpointing")
     optimizer = common.get("optimizer")
