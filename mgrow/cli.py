@@ -114,6 +114,27 @@ def _fuse_arguments(parser) -> None:
     _device_arguments(parser)
 
 
+def _import_hf_arguments(parser) -> None:
+    parser.add_argument("--from", dest="source", required=True,
+                        help="a local Hugging Face model folder (config.json + safetensors, sharded or not)")
+    parser.add_argument("--out", required=True, help="checkpoint root to write (step 0, and model.yaml)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size of the import job")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the import job")
+    parser.add_argument("--config", default=None, help="training config the checkpoint is for (its model section "
+                                                       "is replaced by the imported model; default: mgrow's)")
+    parser.add_argument("--bf16", action="store_true", help="a bf16 model (fp32 master weights); default fp32")
+    _device_arguments(parser)
+
+
+def _export_hf_arguments(parser) -> None:
+    parser.add_argument("--in", dest="source", required=True, help="checkpoint to export (any format mgrow reads)")
+    parser.add_argument("--out", required=True, help="Hugging Face model folder to write")
+    parser.add_argument("--family", choices=("llama", "mistral", "qwen2", "gpt2"), default=None,
+                        help="the transformers family to write (default: the model's own)")
+    parser.add_argument("--model", default=None, help="model YAML of a checkpoint that does not describe its model")
+    _device_arguments(parser)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgrow", description=__doc__)
     # The deepspeed launcher puts --local_rank before the subcommand; LOCAL_RANK is read from the env.
@@ -129,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     _grow_checkpoint_arguments(
         sub.add_parser("grow-checkpoint", help="grow a saved checkpoint (weights and optimizer state)"))
     _fuse_arguments(sub.add_parser("fuse", help="fuse two checkpoints of one model into one twice-as-wide model"))
+    _import_hf_arguments(sub.add_parser(
+        "import-hf", help="a Hugging Face model folder (Llama, Mistral, Qwen2, GPT-2) into an mgrow checkpoint"))
+    _export_hf_arguments(sub.add_parser("export-hf", help="a checkpoint's model as a Hugging Face model folder"))
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     _bench_growth_arguments(bench.add_parser(
@@ -160,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Each command is a module of mgrow.jobs with ``main(args) -> exit code``, imported when it runs.
 COMMANDS = {"train": "train", "verify": "verify", "grow-checkpoint": "grow_checkpoint", "fuse": "fuse",
-            "plot": "plot", "data": "data"}
+            "plot": "plot", "data": "data", "import-hf": "hf:import_main", "export-hf": "hf:export_main"}
 
 
 def main(argv=None) -> int:
@@ -169,7 +193,8 @@ def main(argv=None) -> int:
         module = f"mgrow.jobs.bench.{BENCH_MODULES[args.bench]}"
     else:
         module = f"mgrow.jobs.{COMMANDS[args.command]}"
-    return exit_code(lambda parsed: importlib.import_module(module).main(parsed), args)
+    module, _, function = module.partition(":")
+    return exit_code(lambda parsed: getattr(importlib.import_module(module), function or "main")(parsed), args)
 
 
 if __name__ == "__main__":

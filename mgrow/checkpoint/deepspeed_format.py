@@ -51,7 +51,8 @@ def universal_checkpoint_info(engine) -> dict:
             **{kind: patterns for kind, patterns in kinds.items() if patterns}}
 
 
-def save(engine, folder: str) -> None:
+def save(engine, folder: str, optimizer_state: bool = True) -> None:
+    """DeepSpeed's save_checkpoint (always with the optimizer: its ZeRO partitions hold the fp32 masters)."""
     engine.engine.save_checkpoint(folder, tag=TAG, save_latest=False,
                                   client_state={"universal_checkpoint_info": universal_checkpoint_info(engine)})
 

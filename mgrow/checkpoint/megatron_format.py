@@ -61,9 +61,9 @@ def write(state: dict, directory: str, content_metadata: Optional[dict] = None) 
     dist_checkpointing.save(state, directory, content_metadata=content_metadata)
 
 
-def save(engine, folder: str) -> None:
+def save(engine, folder: str, optimizer: bool = True) -> None:
     """Collective: every rank writes its part of ``<folder>/model``."""
-    write(sharded_state(engine, is_loading=False), os.path.join(folder, MODEL_DIR))
+    write(sharded_state(engine, is_loading=False, optimizer=optimizer), os.path.join(folder, MODEL_DIR))
 
 
 def _in_process_results_queue() -> None:
@@ -82,8 +82,9 @@ def _in_process_results_queue() -> None:
 
 
 def load(engine, folder: str, metadata: dict) -> None:
-    """Collective: fill ``engine``'s model and optimizer from ``<folder>/model``, whatever layout saved it."""
-    load_from(engine, os.path.join(folder, MODEL_DIR))
+    """Collective: fill ``engine``'s model and optimizer from ``<folder>/model``, whatever layout saved it (the
+    optimizer stays fresh where the checkpoint holds no optimizer state)."""
+    load_from(engine, os.path.join(folder, MODEL_DIR), optimizer=metadata.get("optimizer_state", True))
 
 
 def load_from(engine, directory: str, sharding_type: str = FULLY_RESHARDABLE, optimizer: bool = True,

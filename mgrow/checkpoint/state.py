@@ -37,13 +37,15 @@ def _format(kind: str):
 
 
 def save(engine, cfg, progress: Progress, root: str) -> Path:
-    """Collective: write the whole training state as ``<root>/step_<progress.step>``, then point ``latest`` at it."""
+    """Collective: write the whole training state as ``<root>/step_<progress.step>``, then point ``latest`` at it.
+    An optimizer that has not stepped yet (an imported model) has no state to save: a resume starts it fresh."""
     dims = engine.dims
     tmp = files.temporary(root, progress.step)
     if dims.rank == 0:
         files.prepare(root, progress.step)
     dist.barrier()
-    _format(_engine_kind(cfg.optimizer.type)).save(engine, str(tmp))
+    optimizer_state = engine.optimizer_state().step() is not None
+    _format(_engine_kind(cfg.optimizer.type)).save(engine, str(tmp), optimizer_state)
     states = collectives.gather_objects(_rng_state(dims))
     if dims.rank == 0:
         torch.save(states, tmp / RNG_FILE)
@@ -59,6 +61,7 @@ def save(engine, cfg, progress: Progress, root: str) -> Path:
             "config": cfg.to_dict(),
             "progress": dataclasses.asdict(progress),
             "scheduler_steps": int(engine.scheduler.num_steps),
+            "optimizer_state": optimizer_state,
         })
     dist.barrier()
     return final

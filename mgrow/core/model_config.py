@@ -15,13 +15,13 @@ from typing import Any, Optional
 from mgrow.core.errors import ConfigError
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # gelu_tanh: GELU's tanh approximation (GPT-2's gelu_new)
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # ModelConfig fields that are TransformerConfig fields of the same name and meaning.
 TRANSFORMER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
                       "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
-                      "qk_layernorm", "softmax_scale", "apply_query_key_layer_scaling", "init_method_std",
+                      "add_qkv_bias", "qk_layernorm", "softmax_scale", "apply_query_key_layer_scaling", "init_method_std",
                       "hidden_dropout", "attention_dropout")
 # Keys that say how the model is laid out, not what it computes (left out of ==).
 LAYOUT_KEYS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
@@ -52,8 +52,14 @@ class ModelConfig:
     position_embedding_type: str = "learned_absolute"
     rotary_percent: float = 1.0
     rotary_base: int = 10000
+    # Llama 3.1's RoPE scaling as megatron-core implements it (low / high frequency factors 1 / 4 over an
+    # original context of 8192): wavelengths beyond 8192 divided by rope_scaling_factor, those under 2048 kept,
+    # a smooth blend between
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     share_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = True
+    add_qkv_bias: bool = False  # a bias on the QKV projection alone (Qwen2); implied by add_bias_linear
     qk_layernorm: bool = False
     softmax_scale: Optional[float] = None
     apply_query_key_layer_scaling: bool = False
@@ -121,6 +127,13 @@ class ModelConfig:
                     "model.rotary_percent",
                     f"kv_channels * rotary_percent = {rotary_dim:g} must be an even integer",
                 )
+        for name in ("add_qkv_bias", "rope_scaling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name}", f"must be true or false, got {getattr(self, name)!r}")
+        if self.rope_scaling and not (self.rope_scaling_factor > 0):
+            raise ConfigError("model.rope_scaling_factor", f"must be > 0, got {self.rope_scaling_factor!r}")
+        if self.rope_scaling and self.position_embedding_type != "rope":
+            raise ConfigError("model.rope_scaling", "scales rotary embeddings: needs position_embedding_type rope")
         if not isinstance(self.bf16, bool):
             raise ConfigError("model.bf16", f"must be true or false, got {self.bf16!r}")
         for name in ("hidden_dropout", "attention_dropout"):
@@ -202,10 +215,11 @@ class ModelConfig:
         h, k, E, G, p, V = (self.hidden_size, self.kv_channels, self.num_attention_heads,
                             self.num_query_groups, self.ffn_hidden_size, self.vocab_size)
         b = 1 if self.add_bias_linear else 0
+        b_qkv = 1 if self.add_bias_linear or self.add_qkv_bias else 0
         norm = 2 * h if self.normalization == "LayerNorm" else h
         qk_norm = (2 * k if self.normalization == "LayerNorm" else k) * 2 if self.qk_layernorm else 0
         fc1_out = 2 * p if self.gated_linear_unit else p
-        attn = (E + 2 * G) * k * (h + b) + E * k * h + b * h
+        attn = (E + 2 * G) * k * (h + b_qkv) + E * k * h + b * h
         mlp = fc1_out * (h + b) + p * h + b * h
         if self.is_moe:
             mlp = self.num_moe_experts * (mlp + h + b)  # experts, and the router's [E, h] weight (and bias)
@@ -267,7 +281,7 @@ class ModelConfig:
         from megatron.core.transformer import TransformerConfig
 
         self.check_layout(tp, pp)
-        activation = F.silu if self.activation == "swiglu" else F.gelu
+        activation = {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}[self.activation]
         values = dict(
             **{name: getattr(self, name) for name in TRANSFORMER_FIELDS},
             activation_func=activation,
@@ -322,7 +336,16 @@ class ModelConfig:
             position_embedding_type=self.position_embedding_type,
             rotary_percent=self.rotary_percent,
             rotary_base=self.rotary_base,
+            rope_scaling=self.rope_scaling,
+            rope_scaling_factor=self.rope_scaling_factor,
         )
+
+
+def gelu_tanh(x):
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``), as megatron's ``activation_func``."""
+    import torch.nn.functional as F
+
+    return F.gelu(x, approximate="tanh")
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -43,8 +43,9 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     linear = ("weight", "bias") if cfg.add_bias_linear else ("weight",)
     fc1_rows = 2 * p if cfg.gated_linear_unit else p
     per_layer: dict[str, tuple[int, ...]] = {f"input_layernorm.{n}": (h,) for n in norm}
+    qkv = ("weight", "bias") if cfg.add_bias_linear or cfg.add_qkv_bias else ("weight",)
     for part, rows, cols in (("linear_qkv", (E + 2 * G) * k, h), ("linear_proj", h, E * k)):
-        for n in linear:
+        for n in (qkv if part == "linear_qkv" else linear):
             bias_rows = rows if part == "linear_qkv" else h
             per_layer[f"self_attention.{part}.{n}"] = (rows, cols) if n == "weight" else (bias_rows,)
     if cfg.qk_layernorm:

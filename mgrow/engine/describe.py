@@ -86,6 +86,7 @@ def describe(gpt, dims) -> ModelConfig:
         position_embedding_type=gpt.position_embedding_type,
         rotary_percent=gpt.rotary_percent,
         rotary_base=_rotary_base(gpt),
+        **_rope_scaling(gpt),
         share_embeddings_and_output_weights=gpt.share_embeddings_and_output_weights,
         bf16=dtype == torch.bfloat16,
         num_layers_in_first_pipeline_stage=config.num_layers_in_first_pipeline_stage,
@@ -125,21 +126,26 @@ def _check_options(gpt, tp: int, pp: int) -> None:
         raise ConfigError("model.position_embedding_type",
                           f"{gpt.position_embedding_type!r} is not supported (learned_absolute | rope)")
     rotary = getattr(gpt, "rotary_pos_emb", None)
-    if getattr(gpt, "rotary_scaling", False) or getattr(rotary, "seq_len_interpolation_factor", None):
-        raise ConfigError("model.rope_scaling", "scaled rotary embeddings are not supported yet")
+    if getattr(rotary, "seq_len_interpolation_factor", None):
+        raise ConfigError("model.seq_len_interpolation_factor", "interpolated rotary positions are not supported yet "
+                                                                "(Llama 3.1's rope_scaling is)")
 
 
 def _activation(function, gated: bool) -> str:
     import torch.nn.functional as F
 
+    from mgrow.core.model_config import gelu_tanh
+
     if function is F.gelu and not gated:
         return "gelu"
+    if function is gelu_tanh and not gated:
+        return "gelu_tanh"
     if function is F.silu and gated:
         return "swiglu"
     name = getattr(function, "__name__", repr(function))
     raise ConfigError("model.config.activation_func",
-                      f"{name} with gated_linear_unit={gated} is not supported (F.gelu ungated, or F.silu gated: "
-                      "swiglu)")
+                      f"{name} with gated_linear_unit={gated} is not supported (F.gelu or mgrow's gelu_tanh ungated, "
+                      "or F.silu gated: swiglu)")
 
 
 def _dtype(gpt) -> torch.dtype:
@@ -175,6 +181,18 @@ def _rotary_base(gpt) -> int:
         raise ConfigError("model.rotary_base", f"GPTModel.rotary_base is {gpt.rotary_base}, but its rotary "
                                                f"embedding's frequencies have base {base:.6g}")
     return int(round(base))
+
+
+def _rope_scaling(gpt) -> dict:
+    """Llama 3.1's RoPE scaling and its factor, read from the frequencies (wavelengths beyond megatron's
+    original context of 8192 are divided by the factor; with none there, the factor changes nothing)."""
+    if not getattr(gpt, "rotary_scaling", False):
+        return {}
+    inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
+    dim = 2 * inv_freq.numel()
+    unscaled = 1.0 / gpt.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factor = float(unscaled[-1] / inv_freq[-1]) if 2 * math.pi / float(unscaled[-1]) > 8192 else 8.0
+    return {"rope_scaling": True, "rope_scaling_factor": round(factor, 4)}
 
 
 def _moe(config) -> dict:
