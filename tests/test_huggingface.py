@@ -219,3 +219,27 @@ def test_a_model_the_family_cannot_express_is_refused_at_export(tmp_path):
     done = mgrow_job(1, "export-hf", "--in", tmp_path / "grown", "--out", tmp_path / "out")
     assert done.returncode == 2 and "model.rotary_percent" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_imported_model_trains_on_any_layout(tmp_path):
+    """`mgrow train` resumes an import (its config's model: the CKPT/model.yaml import-hf wrote) at TP1 and at
+    TP2 x PP2 with the same losses."""
+    from launch_utils import train_job, write_config
+
+    save_random_model("qwen2", tmp_path / "hf")
+    losses = {}
+    for tp, pp in ((1, 1), (2, 2)):
+        run_dir = tmp_path / f"tp{tp}_pp{pp}"
+        run_dir.mkdir()
+        config = write_config(run_dir, parallel={"tp": tp, "pp": pp},
+                              optimizer={"type": "megatron", "decay_steps": 3}, train={"steps": 3},
+                              checkpoint={"load": str(tmp_path / "ckpt")})
+        raw = yaml.safe_load(config.read_text())
+        raw["model"] = str(tmp_path / "ckpt" / "model.yaml")
+        config.write_text(yaml.safe_dump(raw))
+        if tp == 1:
+            run(1, "import-hf", "--from", tmp_path / "hf", "--out", tmp_path / "ckpt", "--config", config)
+        result = train_job(run_dir, tp * pp, config)
+        assert result.returncode == 0, result.stderr[-3000:] + "".join(result.rank_stderr.values())[-3000:]
+        losses[tp] = [r["loss"] for r in result.metrics if "loss" in r]
+    assert len(losses[1]) == 3 and max(abs(a - b) for a, b in zip(losses[1], losses[2])) <= 1e-5, losses
