@@ -32,7 +32,7 @@ FULLY_RESHARDABLE = "fully_reshardable"
 RESHARDABLE = (FULLY_RESHARDABLE, "fully_sharded_model_space")
 
 
-def _distributed(engine):
+def distributed_optimizer(engine):
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = engine.optimizer.chained_optimizers[0] if hasattr(engine.optimizer, "chained_optimizers") else engine.optimizer
@@ -45,7 +45,7 @@ def sharded_state(engine, is_loading: bool, sharding_type: str = FULLY_RESHARDAB
     model = engine.ddp.module.sharded_state_dict()
     if not optimizer:
         return {"model": model}
-    distributed = _distributed(engine)
+    distributed = distributed_optimizer(engine)
     if is_loading and distributed is not None and not distributed.optimizer.state:
         distributed._init_optimizer_states_with_dummy_values()  # bug 1; every value is overwritten by the load
     kwargs = {"metadata": {"distrib_optim_sharding_type": sharding_type}} if distributed is not None else {}
@@ -103,7 +103,7 @@ def load_from(engine, directory: str, sharding_type: str = FULLY_RESHARDABLE, op
 
 
 def _load_optimizer(engine, optimizer: dict) -> None:
-    distributed = _distributed(engine)
+    distributed = distributed_optimizer(engine)
     if distributed is None:
         engine.optimizer.load_state_dict(optimizer)
         return

@@ -197,8 +197,9 @@ def save(engine, cfg, iteration: int, root: str, args: argparse.Namespace) -> Pa
     the grown sizes already in it) and point the tracker at it; returns the iteration folder."""
     dims = engine.dims
     folder = Path(root) / iteration_name(iteration)
-    state = megatron_format.sharded_state(engine, is_loading=False)
-    distributed = megatron_format._distributed(engine) is not None
+    stepped = engine.optimizer_state().step() is not None  # (saved with --no-save-optim: nothing to save)
+    state = megatron_format.sharded_state(engine, is_loading=False, optimizer=stepped)
+    distributed = stepped and megatron_format.distributed_optimizer(engine) is not None
     state.update({
         "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
         "opt_param_scheduler": engine.scheduler.state_dict(),

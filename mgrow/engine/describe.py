@@ -190,7 +190,7 @@ def _rope_scaling(gpt) -> dict:
         return {}
     inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
     dim = 2 * inv_freq.numel()
-    unscaled = 1.0 / gpt.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    unscaled = 1.0 / gpt.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
     factor = float(unscaled[-1] / inv_freq[-1]) if 2 * math.pi / float(unscaled[-1]) > 8192 else 8.0
     return {"rope_scaling": True, "rope_scaling_factor": round(factor, 4)}
 
