@@ -166,6 +166,16 @@ CASES = [
          argv=("grow-checkpoint", "--in", "{tmp}/mlm", "--plan", str(REPO / "configs/plans/all_ops.yaml"),
                "--out", "{tmp}/out"),
          files={"mlm/latest_checkpointed_iteration.txt": "4", "mlm/iter_0000004": None}),
+    Case("import-hf of a config key mgrow cannot represent", "--from: config.json attention_bias: True is not "
+         "supported (mgrow builds False)",
+         argv=("import-hf", "--from", "{tmp}/hf", "--out", "{tmp}/out"),
+         files={"hf/config.json": json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+                                              "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 300,
+                                              "max_position_embeddings": 64, "attention_bias": True}),
+                "hf/model.safetensors": ""}),
+    Case("export-hf into a family that cannot express the model", "--in (model.normalization): 'RMSNorm' where the "
+         "family has 'LayerNorm': a gpt2 model cannot express it",
+         argv=("export-hf", "--in", "{ckpt}", "--out", "{tmp}/out", "--family", "gpt2"), ranks=1, launcher=False),
     Case("grow-checkpoint of a DeepSpeed root whose latest names nothing", "{tmp}/ds/latest: names 'global_step9', "
          "which holds neither mgrow.json nor mp_rank_00_model_states.pt",
          argv=("grow-checkpoint", "--in", "{tmp}/ds", "--plan", str(REPO / "configs/plans/all_ops.yaml"),

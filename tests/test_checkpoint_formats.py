@@ -125,10 +125,10 @@ def test_a_users_deepspeed_checkpoint_grows_and_the_users_engine_loads_it(tmp_pa
     assert report["format"] == "deepspeed" and report["step"] == SAVED_AT
     assert report["max_abs_logit_diff"] <= TOL
     assert (grown / "latest").read_text().strip() == f"global_step{SAVED_AT}"
-    from mgrow.checkpoint.deepspeed_format import _load_plain
+    from mgrow.checkpoint.deepspeed_format import load_plain
 
     states = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero == 3 else "mp_rank_00_model_states.pt"
-    described = _load_plain(grown / f"global_step{SAVED_AT}" / states)["mgrow_model"]
+    described = load_plain(grown / f"global_step{SAVED_AT}" / states)["mgrow_model"]
     assert {k: described[k] for k in GROWN_EXAMPLE} == GROWN_EXAMPLE
     # hidden growth rescales the norm epsilon by h / h' (docs/growth_math.md): the user builds the grown model
     # with the epsilon the checkpoint describes

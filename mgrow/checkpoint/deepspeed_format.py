@@ -95,7 +95,7 @@ def _repair_stage3_universal_load(zero, universal: Path) -> None:
         state = zero.optimizer.state.get(flat)
         if state is not None and torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    saved = _load_plain(universal / "zero" / "optimizer_state.pt")[PARAM_GROUPS]
+    saved = load_plain(universal / "zero" / "optimizer_state.pt")[PARAM_GROUPS]
     groups = zero.optimizer.param_groups
     if len(saved) != len(groups):
         raise RuntimeError(f"ZeRO-3 universal load: {len(saved)} saved param groups, {len(groups)} in the optimizer")
@@ -103,7 +103,7 @@ def _repair_stage3_universal_load(zero, universal: Path) -> None:
         group.update({k: v for k, v in old.items() if k != "params"})
 
 
-def _load_plain(path: Path):
+def load_plain(path: Path):
     """A DeepSpeed file as tensors and plain data (``weights_only``): the DeepSpeed classes its files hold
     (the ZeRO stage enum, the loss scaler's plain attributes, the (start, numel) fragment addresses of a ZeRO
     partition) are allowed by name; anything else is refused instead of run."""
@@ -129,7 +129,7 @@ def _to_universal(source: Path, scratch: Path) -> None:
     staging.mkdir(parents=True)
     for path in source.iterdir():
         if path.name.startswith("mp_rank_"):
-            state = _load_plain(path)
+            state = load_plain(path)
             state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
             torch.save(state, staging / path.name)
         else:

@@ -26,7 +26,7 @@ import argparse
 import os
 from pathlib import Path
 
-from mgrow.checkpoint.deepspeed_format import _load_plain
+from mgrow.checkpoint.deepspeed_format import load_plain
 from mgrow.checkpoint.foreign import MODEL_KEY, deepspeed_model_states, described_model
 from mgrow.core.errors import CheckpointError, ConfigError
 from mgrow.core.model_config import ModelConfig
@@ -38,7 +38,7 @@ _NOT_SETTINGS = ("params", "step", "lr", "initial_lr")
 def metadata_of(folder: Path, field: str, model_path) -> dict:
     """mgrow's description of a DeepSpeed tag folder: the model (stored by mgrow, else ``model_path``), the
     layout, the DeepSpeed config, the param groups by name with their settings, the step."""
-    states = _load_plain(deepspeed_model_states(folder))
+    states = load_plain(deepspeed_model_states(folder))
     model = described_model(states.get(MODEL_KEY), model_path, folder, "DeepSpeed")
     config = states.get("ds_config")
     if not isinstance(config, dict):
@@ -69,7 +69,7 @@ def _group_settings(folder: Path, stage: int, states: dict, count: int) -> list[
         files = sorted(folder.glob("*_optim_states.pt"))
         if not files:
             raise CheckpointError(str(folder), f"holds no *_optim_states.pt: a ZeRO-{stage} checkpoint has one per rank")
-        saved = _load_plain(files[0])["optimizer_state_dict"]
+        saved = load_plain(files[0])["optimizer_state_dict"]
         base = saved.get("base_optimizer_state", saved.get("optimizer_state_dict"))
         groups = base.get("param_groups") if isinstance(base, dict) else None
     if not groups or len(groups) != count:

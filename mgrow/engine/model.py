@@ -127,16 +127,18 @@ class VocabMask:
     what its real vocabulary is (:func:`mgrow.engine.describe.describe`).
     """
 
-    def __init__(self, vocab_size: int, divisible_by: int, tp_rank: int, tp: int, columns: int):
-        self.vocab_size, self.divisible_by, self.tp_rank, self.tp = vocab_size, divisible_by, tp_rank, tp
-        self.real_columns = max(0, min(columns, vocab_size - tp_rank * columns))  # this rank's logits that are real
+    def __init__(self, cfg: ModelConfig, tp_rank: int, tp: int):
+        self.vocab_size, self.divisible_by, self.tp_rank, self.tp = (cfg.vocab_size, cfg.make_vocab_size_divisible_by,
+                                                                     tp_rank, tp)
+        # this rank's logits that are real (the output layer's rows)
+        self.real_columns = layout_table.real_vocab_rows(layout_table.layout_of("output_layer.weight", cfg), tp_rank, tp)
 
     @classmethod
     def install(cls, model, cfg: ModelConfig, tp_rank: int, tp: int) -> None:
         """Mask ``model``'s padded logits (``cfg``: the model it was built for), if its vocabulary is padded."""
         if model.vocab_size == cfg.vocab_size:
             return
-        mask = cls(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp_rank, tp, model.vocab_size // tp)
+        mask = cls(cfg, tp_rank, tp)
         model.vocab_mask = mask
         if model.post_process:
             model.output_layer.register_forward_hook(mask)

@@ -1,5 +1,6 @@
 """Hugging Face transformers' layouts of the GPT families mgrow imports and exports, as data: one table per
-family, next to megatron's own layout table (:mod:`mgrow.parallel.layout`).
+family, next to megatron's own layout table (:mod:`mgrow.parallel.layout`). Importable without torch (the
+command's parent checks a config.json with it before any rank starts).
 
 Each family says how its ``config.json`` keys map to :class:`~mgrow.core.model_config.ModelConfig` keys
 (``keys``), which keys must hold one value for mgrow to build the model (``fixed``), which say nothing about the
@@ -23,10 +24,12 @@ non-interleaved RoPE; their q and k rows need no permutation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from mgrow.core.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,10 @@ def rules(family: Family, cfg: ModelConfig) -> dict[str, Rule]:
     return out
 
 
-def to_megatron(kind: str, tensors: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+def to_megatron(kind: str, tensors: list["torch.Tensor"], cfg: ModelConfig) -> "torch.Tensor":
     """The full megatron tensor from its HF tensors."""
+    import torch
+
     if kind == "same":
         return tensors[0]
     if kind == "transposed":
@@ -172,8 +177,10 @@ def to_megatron(kind: str, tensors: list[torch.Tensor], cfg: ModelConfig) -> tor
     raise KeyError(kind)
 
 
-def from_megatron(kind: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+def from_megatron(kind: str, tensor: "torch.Tensor", cfg: ModelConfig) -> list["torch.Tensor"]:
     """The HF tensors of a full megatron tensor (the inverse of :func:`to_megatron`)."""
+    import torch
+
     if kind == "same":
         return [tensor]
     if kind == "transposed":
@@ -189,15 +196,17 @@ def from_megatron(kind: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tor
     raise KeyError(kind)
 
 
-def _interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def _interleave(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", cfg: ModelConfig) -> "torch.Tensor":
     """Megatron's QKV rows, per query group g: [the q rows of g's heads; k_g; v_g] (each head kv_channels rows)."""
+    import torch
+
     G, d, per_group = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
     rest = q.shape[1:]
     groups = torch.cat([q.reshape(G, per_group * d, *rest), k.reshape(G, d, *rest), v.reshape(G, d, *rest)], dim=1)
     return groups.reshape(G * (per_group + 2) * d, *rest).contiguous()
 
 
-def _deinterleave(qkv: torch.Tensor, cfg: ModelConfig):
+def _deinterleave(qkv: "torch.Tensor", cfg: ModelConfig):
     G, d, per_group = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
     rest = qkv.shape[1:]
     groups = qkv.reshape(G, (per_group + 2) * d, *rest)
