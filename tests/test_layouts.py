@@ -69,3 +69,24 @@ def test_stages_of_follows_megatrons_even_split():
     assert table.stages_of("embedding.word_embeddings.weight", cfg, 2) == (0, 1)
     assert table.stages_of("embedding.word_embeddings.weight", cfg, 1) == (0,)
     assert table.stages_of("decoder.final_layernorm.weight", cfg, 2) == (1,)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_grown_model_built_without_initialisation_has_megatron_parallel_attributes(single_rank, gated):
+    """build_like skips megatron's initialisation (growth writes every weight); the tensor-parallel attributes
+    megatron's initialisers would set are set from the layout table: equal, parameter by parameter, to a model
+    megatron built and initialised at the grown size, and the user's config keeps perform_initialization."""
+    from mgrow.engine.model import build_gpt, build_like, global_names
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
+                      max_sequence_length=16, activation="swiglu" if gated else "gelu")
+    grown = cfg.replace(num_layers=3, ffn_hidden_size=192)
+    old = build_gpt(cfg, single_rank)
+    built = build_like(old, grown)
+    fresh = build_gpt(grown, single_rank)
+    attributes = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    mine = {name: tuple(getattr(p, a, None) for a in attributes) for _, name, p in global_names(built)}
+    theirs = {name: tuple(getattr(p, a, None) for a in attributes) for _, name, p in global_names(fresh)}
+    assert mine == theirs
+    assert sum(1 for value in mine.values() if value[0]) >= 5  # the partitioned weights carry them
+    assert built.config.perform_initialization is True

@@ -85,17 +85,20 @@ HOOK_FIELDS = ("no_sync_func", "grad_sync_func", "param_sync_func", "grad_scale_
 def build_like(old, grown: ModelConfig):
     """A GPTModel stage of the grown model made as the live stage ``old`` was: its TransformerConfig (grown),
     layer spec and GPTModel arguments (those a ModelConfig holds from ``grown``), on its device, in its dtype.
-    Megatron initialises the weights; growth overwrites every one of them.
 
-    The config's hooks (bound to the old DDP and optimizer until the job is rebuilt) are left out while the
-    model is built: megatron deep-copies the config where TP exceeds the query groups, and a process group
-    does not copy."""
+    Growth writes every weight, so megatron does not initialise them (``perform_initialization`` off while the
+    model is built; megatron then leaves the weights' tensor-parallel attributes unset, and they are set here
+    from the layout table, as megatron's initialisers set them). The config's hooks (bound to the old DDP and
+    optimizer until the job is rebuilt) are left out while the model is built too: megatron deep-copies the
+    config where TP exceeds the query groups, and a process group does not copy. The config ends as the
+    user's, grown."""
     from megatron.core.models.gpt import GPTModel
 
     config = grown_transformer_config(old.config, grown)
-    hooks = {field: getattr(config, field, None) for field in HOOK_FIELDS}
-    for field in hooks:
+    kept = {field: getattr(config, field, None) for field in (*HOOK_FIELDS, "perform_initialization")}
+    for field in HOOK_FIELDS:
         setattr(config, field, None)
+    config.perform_initialization = False
     model = GPTModel(
         config=config,
         transformer_layer_spec=old.transformer_layer_spec,
@@ -105,8 +108,9 @@ def build_like(old, grown: ModelConfig):
         parallel_output=old.parallel_output,
         **grown.gpt_model_kwargs(old.config.tensor_model_parallel_size),
     )
-    for field, hook in hooks.items():
-        setattr(config, field, hook)
+    for field, value in kept.items():
+        setattr(config, field, value)
+    set_parallel_attributes(model, grown)
     model.to(next(old.parameters()).device)
     if grown.bf16:
         model.bfloat16()
@@ -114,6 +118,17 @@ def build_like(old, grown: ModelConfig):
     if mask is not None:
         VocabMask.install(model, grown, mask.tp_rank, mask.tp)
     return model
+
+
+def set_parallel_attributes(model, cfg: ModelConfig) -> None:
+    """The tensor-parallel attributes (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``) that
+    megatron's weight initialisers set, on every TP-partitioned parameter that has none."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    for _, name, param in global_names(model):
+        layout = layout_table.layout_of(name, cfg)
+        if layout.partition_dim is not None and not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, True, layout.partition_dim, layout.stride)
 
 
 class VocabMask:
