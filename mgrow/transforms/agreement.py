@@ -1,10 +1,11 @@
 """All or nothing across ranks: the agreement after each unit of local work, and the RNG state to restore.
 
-A transform (growth, fusion) does its local work in units (one parameter, one
-phase); after each unit every rank says whether it failed. If any rank did,
-every rank raises the same :class:`~mgrow.core.errors.GrowthError` naming the
-failed ranks and their errors, and keeps the objects it had: the transform
-builds new ones and touches the old ones only to read them.
+A transform (growth, fusion) does its local work in units (a step, or a phase
+over every parameter: :class:`PhaseFailure`); after each unit every rank says
+whether it failed, in one collective. If any rank did, every rank raises the
+same :class:`~mgrow.core.errors.GrowthError` naming the failed ranks, where and
+their errors, and keeps the objects it had: the transform builds new ones and
+touches the old ones only to read them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,24 @@ class Agreement:
         raise GrowthError(f"{self.action} failed at {what} ({failed}); every rank keeps its old model and "
                           "optimizer") from error
 
+    def check_phase(self, failure: "PhaseFailure", phase: str) -> None:
+        """One agreement for a whole phase of local work: each rank's first failure in it (if any). The error
+        names the unit where the failed ranks failed (``<phase> of <unit>`` when they agree on one)."""
+        if not collectives.any_rank(self.dims, failure.error is not None):
+            return
+        reports = collectives.gather_objects(None if failure.error is None else
+                                             (failure.unit, f"{type(failure.error).__name__}: {failure.error}"))
+        units = {report[0] for report in reports if report}
+        if len(units) == 1:
+            at = f"{phase} of {units.pop()}"
+            failed = "; ".join(f"rank {rank}: {report[1]}" for rank, report in enumerate(reports) if report)
+        else:
+            at = phase
+            failed = "; ".join(f"rank {rank}: {report[0]}: {report[1]}" for rank, report in enumerate(reports)
+                               if report)
+        raise GrowthError(f"{self.action} failed at {at} ({failed}); every rank keeps its old model and "
+                          "optimizer") from failure.error
+
     def validate(self, what: str, fn):
         """``run`` for a check of the inputs: when every rank refused them with the same ConfigError, it is
         raised on every rank as :class:`GrowthRefused` (naming the field and the rule); any other failure is a
@@ -55,6 +74,23 @@ class Agreement:
             error = caught
         self.check(error, what)
         return result
+
+
+class PhaseFailure:
+    """The first failure of this rank's local work in a phase (the rank goes on with the phase's collectives,
+    doing no more local work, so every rank reaches the phase's one agreement)."""
+
+    def __init__(self):
+        self.unit: Optional[str] = None
+        self.error: Optional[BaseException] = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def record(self, unit: str, error: BaseException) -> None:
+        if self.error is None:
+            self.unit, self.error = unit, error
 
 
 class RngState:

@@ -7,8 +7,9 @@ with its own settings, carrying the LR schedule -> (bf16: set its fp32 masters)
 user's megatron-core objects (:mod:`mgrow.megatron`), a user's DeepSpeed engine
 (:mod:`mgrow.deepspeed`) or mgrow's own trainer engine (:func:`grow`). The old
 job is not touched until every rank has succeeded: a failure on any rank (an exception in its local work) is agreed on
-after every parameter, raised on every rank as :class:`GrowthError`, and every
-rank keeps its old model and optimizer bit for bit.
+once per phase (the weights, the optimizer state; a rank that failed goes on with the phase's collectives only),
+raised on every rank as :class:`GrowthError` naming where each failed rank failed, and every rank keeps its old
+model and optimizer bit for bit.
 
 Each grown parameter is made from one full old parameter: its holders gather
 it over TP (and the optimizer assembles its DP pieces), send it to the new
@@ -46,7 +47,7 @@ from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
 from mgrow.parallel.optimizer_state import MOMENTS
 from mgrow.parallel.shards import gather_tp, move_between_stages, shard_rows, source_stage, take_shard
-from mgrow.transforms.agreement import Agreement, RngState, agreed_step
+from mgrow.transforms.agreement import Agreement, PhaseFailure, RngState, agreed_step
 from mgrow.transforms.masks import GrowthMasks, free_masked_entries
 
 
@@ -204,11 +205,11 @@ class _Mover:
             layout = layout_table.layout_of(source, self.old_cfg)
             return gather_tp(state.master(old[source]), layout, self.dims)
 
+        failure = PhaseFailure()
         for name in self.new_shapes:
             source, holders, destinations = self._route(name)
             full = None if source is None else self._gathered(source, holders, destinations, read)
-            error = None
-            if self.dims.stage in destinations:
+            if self.dims.stage in destinations and not failure.failed:
                 try:
                     faults.growth_failure_point("weights", name)
                     faults.kill_point("growth", name)
@@ -221,8 +222,8 @@ class _Mover:
                     if self.new_cfg.bf16:
                         self.masters[name] = shard.clone()
                 except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
-                    error = caught
-            self.agree.check(error, f"weights of {name}")
+                    failure.record(name, caught)
+        self.agree.check_phase(failure, "weights")
 
     def set_masters(self, new_engine) -> None:
         """The new optimizer's fp32 masters from the grown fp32 shards (and the bf16 parameters from them)."""
@@ -242,16 +243,16 @@ class _Mover:
         old = by_global_name(engine.module)
         new = by_global_name(new_engine.module)
 
+        failure = PhaseFailure()
         for name in self.new_shapes:
             source, holders, destinations = self._route(name)
             if source is None:
                 continue  # a new tensor: its moments stay 0
             layout = layout_table.layout_of(source, self.old_cfg)
-            error = None
             for key in MOMENTS:
                 read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.dims)  # noqa: E731
                 full = self._gathered(source, holders, destinations, read)
-                if self.dims.stage not in destinations or error is not None:
+                if self.dims.stage not in destinations or failure.failed:
                     continue
                 try:
                     faults.growth_failure_point("moments", name)
@@ -259,8 +260,8 @@ class _Mover:
                     grown = carry_moment(tmap, full, power=MOMENTS.index(key) + 1)
                     new_state.set_moment(new[name], key, self._my_shard(grown, name, tmap))
                 except Exception as caught:  # noqa: BLE001
-                    error = caught
-            self.agree.check(error, f"optimizer state of {name}")
+                    failure.record(name, caught)
+        self.agree.check_phase(failure, "optimizer state")
 
 
 def _max_abs_diff(dims, before, after) -> float:
