@@ -68,8 +68,12 @@ BENCH_MODULES = {"growth": "growth", "efficiency": "efficiency", "masked": "effi
 
 
 def _bench_growth_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model YAML (ModelConfig keys)")
-    parser.add_argument("--plan", required=True, help="growth plan YAML")
+    parser.add_argument("--model", default=None, help="model YAML (ModelConfig keys)")
+    parser.add_argument("--plan", default=None, help="growth plan YAML")
+    parser.add_argument("--scaling", default=None, help="a scaling study YAML (points: [{model, plan}], tp: [...]): "
+                                                        "growth, floor and bytes for each point at each TP size")
+    parser.add_argument("--plot", default=None, help="with --scaling: write growth seconds against state bytes "
+                                                     "(PNG) here")
     for flag in ("tp", "pp", "dp"):
         parser.add_argument(f"--{flag}", type=int, default=1, help=f"{flag} of the job")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="megatron", help="optimizer path")

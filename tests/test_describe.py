@@ -16,6 +16,11 @@ VARIANTS = [
      "rotary_base": 500000, "rotary_percent": 0.5, "layernorm_epsilon": 1e-6},
     {"kv_channels": 12, "ffn_hidden_size": 80, "softmax_scale": 0.3, "init_method_std": 0.01, "bf16": True},
     {"num_moe_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 0.01, "add_bias_linear": False},
+    # a head dim of 128 (a base read back from one float32 frequency was off by 2e-6 there), Llama 3.1's scaling,
+    # a QKV-only bias, GPT-2's tanh GELU
+    {"hidden_size": 256, "num_attention_heads": 2, "position_embedding_type": "rope", "rotary_base": 10000,
+     "rope_scaling": True, "rope_scaling_factor": 8.0, "add_bias_linear": False, "add_qkv_bias": True},
+    {"activation": "gelu_tanh", "vocab_size": 300},
 ]
 
 
@@ -24,7 +29,7 @@ def test_a_built_model_reads_back_as_its_config(single_rank, options):
     from mgrow.engine.describe import describe
     from mgrow.engine.model import build_gpt
 
-    cfg = ModelConfig(**BASE, **options)
+    cfg = ModelConfig(**{**BASE, **options})
     assert describe(build_gpt(cfg, single_rank), single_rank) == cfg
 
 
@@ -36,12 +41,13 @@ def test_a_built_model_reads_back_as_its_config(single_rank, options):
     (lambda m: setattr(m.config, "sequence_parallel", True), "model.config.sequence_parallel"),
     (lambda m: setattr(m.config, "tensor_model_parallel_size", 2), "model.config.tensor_model_parallel_size"),
     (lambda m: setattr(m, "vp_stage", 0), "model"),
+    (lambda m: setattr(m, "rotary_base", 20000), "model.rotary_base"),
 ])
 def test_a_model_its_config_no_longer_describes_is_refused(single_rank, change, field):
     from mgrow.engine.describe import describe
     from mgrow.engine.model import build_gpt
 
-    model = build_gpt(ModelConfig(**BASE), single_rank)
+    model = build_gpt(ModelConfig(**BASE, position_embedding_type="rope"), single_rank)
     change(model)
     with pytest.raises(ConfigError) as error:
         describe(model, single_rank)

@@ -171,16 +171,19 @@ def _norm_epsilon(gpt) -> float:
 
 
 def _rotary_base(gpt) -> int:
-    """The base of the rotary frequencies the model uses, cross-checked against ``GPTModel.rotary_base``."""
+    """``GPTModel.rotary_base``, checked against the frequencies its rotary embedding uses (those Llama 3.1's
+    scaling leaves alone where it is on). Checked, not inferred: a base recovered from one float32 frequency
+    is off by up to dim/2 times its rounding (2e-6 at a head dim of 128)."""
     if gpt.position_embedding_type != "rope":
         return int(gpt.rotary_base)
     inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
     dim = 2 * inv_freq.numel()
-    base = float(inv_freq[1] ** (-dim / 2.0)) if inv_freq.numel() > 1 else float(gpt.rotary_base)
-    if not math.isclose(base, gpt.rotary_base, rel_tol=1e-6):
+    expected = 1.0 / float(gpt.rotary_base) ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    kept = (2 * math.pi / expected < 2048) if getattr(gpt, "rotary_scaling", False) else expected > 0
+    if not torch.allclose(inv_freq[kept], expected[kept], rtol=1e-5, atol=0):
         raise ConfigError("model.rotary_base", f"GPTModel.rotary_base is {gpt.rotary_base}, but its rotary "
-                                               f"embedding's frequencies have base {base:.6g}")
-    return int(round(base))
+                                               "embedding's frequencies are not that base's")
+    return int(gpt.rotary_base)
 
 
 def _rope_scaling(gpt) -> dict:

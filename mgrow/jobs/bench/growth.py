@@ -19,9 +19,18 @@ on the same ranks and the same plan:
   engine of the same size, timed alternately in the same job (one step each
   in turn), and ``throughput_ratio_median_step`` from their median step times.
 
+* ``collective_calls``, ``sent_bytes``, ``received_bytes``: what each rank
+  moved through torch.distributed during the in-memory growth
+  (:class:`mgrow.parallel.traffic.Traffic`; ``calls_by_op`` for rank 0).
+
 ``--no-roundtrip`` and ``--throughput-steps 0`` leave out those two parts (a
 model of billions of parameters on one GPU). Rank 0 prints one JSON line;
 ``--profile FILE`` writes its cProfile of the in-memory growth.
+
+``--scaling STUDY``: the same measurement (growth, floor, bytes; no round trip,
+no throughput) for every model and plan of the study file at every TP size it
+lists (DP 1), one job each; a table, and with ``--plot`` growth and floor
+seconds against the state bytes growth touches.
 """
 
 from __future__ import annotations
@@ -46,9 +55,10 @@ from mgrow.core.model_config import ModelConfig
 from mgrow.core.plan import Plan, load_plan
 from mgrow.engine.engines import build_engine, global_mean_loss
 from mgrow.engine.model import build_gpt
-from mgrow.jobs.launch import RankJob, check_job_flags, execute
+from mgrow.jobs.launch import RankJob, check_job_flags, execute, under_launcher
 from mgrow.parallel import collectives
 from mgrow.parallel.dims import init_distributed, shutdown
+from mgrow.parallel.traffic import Traffic
 from mgrow.testing.harness import RandomBatches, check_config
 from mgrow.train.restore import restored_engine
 from mgrow.transforms.grow import grow
@@ -104,7 +114,8 @@ def run(bench: "GrowthBench") -> int:
     profiler = cProfile.Profile() if bench.profile and dims.rank == 0 else None
     if profiler:
         profiler.enable()
-    grown, grown_cfg, report = grow(engine, cfg, plan, keep_old=True)
+    with Traffic() as traffic:
+        grown, grown_cfg, report = grow(engine, cfg, plan, keep_old=True)
     if profiler:
         profiler.disable()
         with open(bench.profile, "w") as out:
@@ -146,9 +157,16 @@ def run(bench: "GrowthBench") -> int:
         "throughput_ratio": None if grown_tps is None else grown_tps / fresh_tps,
         "throughput_ratio_median_step": median_ratio,
         "throughput_steps": bench.throughput_steps,
+        "collective_calls": _gather(traffic.total_calls),
+        "sent_bytes": _gather(traffic.sent),
+        "received_bytes": _gather(traffic.received),
+        "calls_by_op": traffic.report()["calls"],
     }
     if dims.rank == 0:
         print(json.dumps(result), flush=True)
+        if bench.result_path:
+            with open(bench.result_path, "w") as out:
+                json.dump(result, out)
     return 0
 
 
@@ -218,10 +236,21 @@ class GrowthBench:
     roundtrip: bool
     device: str
     backend: str
+    result_path: Optional[str] = None  # rank 0 also writes the JSON line here
 
 
 def main(args) -> int:
-    """``mgrow bench growth``: validate, then run the job on its ranks."""
+    """``mgrow bench growth``: validate, then run the job on its ranks (or the scaling study's jobs)."""
+    if args.scaling:
+        if args.model or args.plan:
+            raise ConfigError("--scaling", "the study file names the models and plans; leave out --model/--plan")
+        if under_launcher():
+            raise ConfigError("--scaling", "starts local ranks for each point (TP sizes differ): run it without a "
+                                           "launcher")
+        return scaling(args)
+    for flag in ("model", "plan"):
+        if not getattr(args, flag):
+            raise ConfigError(f"--{flag}", "required (or --scaling STUDY)")
     model = ModelConfig.load(args.model)
     if args.bf16:
         model = model.replace(bf16=True)
@@ -237,6 +266,76 @@ def main(args) -> int:
     bench = GrowthBench(model, plan, args.tp, args.pp, args.optimizer, args.seed, args.throughput_steps, args.profile,
                         args.roundtrip, args.device, args.backend)
     return execute(RankJob(args.tp * args.pp * args.dp, run_rank, bench))
+
+
+def scaling(args) -> int:
+    """``--scaling STUDY``: growth, floor and bytes for each (model, plan) of the study at each TP size."""
+    import os
+
+    from mgrow.core.files_in import read_yaml
+
+    study = read_yaml(args.scaling, "--scaling", "scaling study")
+    points = []
+    for index, entry in enumerate(study.get("points", [])):
+        where = f"--scaling {args.scaling}: points[{index}]"
+        model, plan = ModelConfig.load(entry["model"], f"{where}.model"), load_plan(entry["plan"])
+        grown = plan.validate(model)[-1]
+        for tp in study.get("tp", [1]):
+            for what, cfg in ((f"{where}.model", model), (f"{where}.plan", grown)):
+                try:
+                    cfg.check_layout(tp, 1)
+                except ConfigError as error:
+                    raise ConfigError(what, f"does not fit tp={tp}: {error}") from None
+            points.append((entry, model, plan, tp))
+    if not points:
+        raise ConfigError(f"--scaling {args.scaling}", "lists no points (points: [{model, plan}], tp: [...])")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mgrow-scaling-") as scratch:
+        for index, (entry, model, plan, tp) in enumerate(points):
+            path = os.path.join(scratch, f"{index}.json")
+            bench = GrowthBench(model, plan, tp, 1, args.optimizer, args.seed, 0, None, False, args.device,
+                                args.backend, path)
+            code = execute(RankJob(tp, run_rank, bench))
+            if code:
+                return code
+            with open(path) as f:
+                result = json.load(f)
+            results.append({"model": entry["model"], "tp": tp, **result})
+    print("| model | TP | params before -> after | state MB (max rank) before -> after | growth s | floor s | "
+          "growth / floor | collectives per rank | MB sent / received (max rank) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        mb = 2**20
+        print(f"| {os.path.basename(r['model'])} | {r['tp']} | {r['params_before'] / 1e6:.1f}M -> "
+              f"{r['params_after'] / 1e6:.1f}M | {max(r['state_bytes_before']) / mb:.0f} -> "
+              f"{max(r['state_bytes_after']) / mb:.0f} | {r['growth_seconds']:.2f} | {r['memcpy_floor_seconds']:.3f} | "
+              f"{r['growth_over_floor']:.0f}x | {max(r['collective_calls'])} | {max(r['sent_bytes']) / mb:.3g} / "
+              f"{max(r['received_bytes']) / mb:.3g} |", flush=True)
+    if args.plot:
+        _plot_scaling(results, args.plot)
+    return 0
+
+
+def _plot_scaling(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for tp in sorted({r["tp"] for r in results}):
+        rows = sorted((r for r in results if r["tp"] == tp), key=lambda r: max(r["state_bytes_before"]))
+        touched = [(max(r["state_bytes_before"]) + max(r["state_bytes_after"])) / 2**20 for r in rows]
+        ax.plot(touched, [r["growth_seconds"] for r in rows], "o-", label=f"growth, TP {tp}")
+        ax.plot(touched, [r["memcpy_floor_seconds"] for r in rows], "x:", label=f"memcpy floor, TP {tp}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("state bytes growth touches on the busiest rank (MB, before + after)")
+    ax.set_ylabel("seconds")
+    ax.set_title("mgrow bench growth --scaling (2-core CPU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def run_rank(bench: GrowthBench) -> int:
