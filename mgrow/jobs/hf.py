@@ -56,6 +56,8 @@ def import_main(args) -> int:
     # the training config as written, its model replaced before it is checked (it may name the model file this
     # import writes)
     raw = read_yaml(args.config, "--config", "config file") if args.config else {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"must be a mapping of config sections, got {type(raw).__name__}")
     raw.update(model=model.to_dict(), parallel={"tp": args.tp, "pp": args.pp, "device": args.device,
                                                  "backend": args.backend},
                growth=[], checkpoint={}, wandb=None, transfer=None)
