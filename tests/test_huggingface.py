@@ -177,15 +177,14 @@ def test_a_wrong_mapping_moves_the_logits(single_rank, tmp_path, trap):
 
 
 def test_llama3_rope_scaling_gives_transformers_frequencies(single_rank, tmp_path):
-    from mgrow.checkpoint.huggingface import HFTensors, megatron_tensor, model_from_hf, read_config
+    from mgrow.checkpoint.huggingface import MegatronTensors, model_from_hf, read_config
     from mgrow.engine.model import build_gpt
 
     hf = save_random_model("llama", tmp_path)
     family, config = read_config(str(tmp_path), "--from")
     cfg = model_from_hf(family, config, "--from")
     assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rotary_base) == (True, 8.0, 500000)
-    tensors = HFTensors(str(tmp_path))
-    model = build_gpt(cfg, single_rank, init=lambda name, shape: megatron_tensor(family, cfg, tensors, name))
+    model = build_gpt(cfg, single_rank, init=MegatronTensors(str(tmp_path), family, cfg))
     theirs = hf.model.rotary_emb.inv_freq.double()
     mine = model.rotary_pos_emb.inv_freq.double()
     assert torch.allclose(mine, theirs, rtol=1e-6, atol=0)

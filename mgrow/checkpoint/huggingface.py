@@ -46,7 +46,7 @@ def model_from_hf(family: Family, config: dict, field: str, bf16: bool = False) 
     values = {**family.defaults, **config}
     where = lambda key: f"{field}: {CONFIG} {key}"  # noqa: E731
     known = set(family.keys) | set(family.fixed) | set(family.ignored)
-    model: dict = dict(_LLAMA_LIKE if family.model_type != "gpt2" else _GPT2)
+    model: dict = dict(family.builds)
     for key, value in values.items():
         if key in family.keys:
             if value is not None:
@@ -72,18 +72,12 @@ def model_from_hf(family: Family, config: dict, field: str, bf16: bool = False) 
                                                    "the hidden dropout)")
     else:
         model.update(_rope(values, where))
-        if family.model_type == "qwen2":
-            model["add_qkv_bias"] = True
     try:
         return ModelConfig(**model, bf16=bf16)
     except ConfigError as error:
         raise ConfigError(f"{field}: {CONFIG} ({error.field})", error.rule) from None
 
 
-_LLAMA_LIKE = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-                   add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
-_GPT2 = dict(normalization="LayerNorm", position_embedding_type="learned_absolute", add_bias_linear=True,
-             share_embeddings_and_output_weights=True)
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor")
 
 
@@ -115,14 +109,9 @@ def hf_config(family: Family, model: ModelConfig) -> dict:
     def refuse(key, rule):
         raise ConfigError(f"model.{key}", f"{rule}: a {family.model_type} model cannot express it")
 
-    expected = dict(_LLAMA_LIKE if family.model_type != "gpt2" else _GPT2)
-    if family.model_type == "qwen2":
-        expected["add_qkv_bias"] = True
-    for key, value in expected.items():
+    for key, value in family.builds.items():
         if getattr(model, key) != value:
             refuse(key, f"{getattr(model, key)!r} where the family has {value!r}")
-    if family.model_type != "qwen2" and model.add_qkv_bias and not model.add_bias_linear:
-        refuse("add_qkv_bias", "a QKV-only bias")
     for key, value in (("rotary_percent", 1.0), ("qk_layernorm", False), ("num_moe_experts", None),
                        ("softmax_scale", None), ("apply_query_key_layer_scaling", False)):
         if getattr(model, key) != value:
@@ -137,7 +126,10 @@ def hf_config(family: Family, model: ModelConfig) -> dict:
                                   f"{model.hidden_size}")
         if model.num_query_groups != model.num_attention_heads:
             refuse("num_query_groups", "grouped-query attention")
-        config["activation_function"] = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[model.activation]
+        names = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+        if model.activation not in names:
+            refuse("activation", f"{model.activation!r}")
+        config["activation_function"] = names[model.activation]
         config["embd_pdrop"] = model.hidden_dropout
         config.update({k: v for k, v in family.fixed.items()})
     else:
@@ -170,12 +162,18 @@ class HFTensors:
             return f.get_tensor(name)
 
 
-def megatron_tensor(family: Family, cfg: ModelConfig, tensors: HFTensors, name: str):
-    """The full megatron tensor ``name`` of ``cfg``, made from its HF tensors (in the model's dtype)."""
-    from mgrow.parallel.hf_families import to_megatron
+class MegatronTensors:
+    """The full megatron tensors of model ``cfg`` made from an HF folder's tensors, one at a time, in the model's
+    dtype: an ``init`` for :func:`mgrow.engine.model.build_gpt` (called with a global name and its shape)."""
 
-    rule = rules(family, cfg)[name]
-    return to_megatron(rule.kind, [tensors.get(n) for n in rule.hf], cfg).to(cfg.dtype)
+    def __init__(self, folder: str, family: Family, cfg: ModelConfig):
+        self.tensors, self.rules, self.cfg = HFTensors(folder), rules(family, cfg), cfg
+
+    def __call__(self, name: str, shape=None):
+        from mgrow.parallel.hf_families import to_megatron
+
+        rule = self.rules[name]
+        return to_megatron(rule.kind, [self.tensors.get(n) for n in rule.hf], self.cfg).to(self.cfg.dtype)
 
 
 def write(folder: str, family: Family, model: ModelConfig, full: dict) -> None:

@@ -192,7 +192,7 @@ def load(engine, folder: str, metadata: dict) -> None:
         _set_rng(loaded["rng_state"][0], dims)
 
 
-def save(engine, cfg, iteration: int, root: str, args: argparse.Namespace) -> Path:
+def save(engine, iteration: int, root: str, args: argparse.Namespace) -> Path:
     """Collective: write ``engine`` as Megatron-LM's ``<root>/iter_NNNNNNN`` (``args``: the Namespace to store,
     the grown sizes already in it) and point the tracker at it; returns the iteration folder."""
     dims = engine.dims

@@ -168,7 +168,7 @@ def save_grown(engine, cfg, progress, out: str, metadata: dict) -> Path:
         from mgrow.checkpoint import megatron_lm
 
         args = megatron_lm.grown_args(metadata["args"], cfg.model, engine.dims)
-        return megatron_lm.save(engine, cfg, progress.step, out, args)
+        return megatron_lm.save(engine, progress.step, out, args)
     if kind == DIST_CHECKPOINT:
         return _save_dist_checkpoint(engine, cfg.model, progress.step, out, metadata)
     raise ConfigError("--in", f"{kind} checkpoints are saved by their own module")

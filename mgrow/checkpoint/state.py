@@ -11,6 +11,7 @@ Checking a checkpoint against a training config before resuming is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -67,10 +68,20 @@ def save(engine, cfg, progress: Progress, root: str) -> Path:
     return final
 
 
-def claim_root(root: str, field: str, need_bytes: int, dims):
+@contextlib.contextmanager
+def claimed_root(root: str, field: str, need_bytes: int, dims):
     """Collective, before a job writes under ``root``: rank 0 checks it can be written, has room for
     ``need_bytes`` and is this job's alone (:func:`mgrow.checkpoint.files.claim_root`); every rank raises what it
-    found. Returns rank 0's lock (None elsewhere), for :func:`mgrow.checkpoint.files.release_root`."""
+    found. Rank 0 holds the root's lock for the block and releases it however the block ends."""
+    lock = _claim_root(root, field, need_bytes, dims)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            files.release_root(lock)
+
+
+def _claim_root(root: str, field: str, need_bytes: int, dims):
     lock, refused = None, None
     if dims.rank == 0:
         try:

@@ -176,9 +176,7 @@ def _rotary_base(gpt) -> int:
     is off by up to dim/2 times its rounding (2e-6 at a head dim of 128)."""
     if gpt.position_embedding_type != "rope":
         return int(gpt.rotary_base)
-    inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
-    dim = 2 * inv_freq.numel()
-    expected = 1.0 / float(gpt.rotary_base) ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    inv_freq, expected = _frequencies(gpt)
     kept = (2 * math.pi / expected < 2048) if getattr(gpt, "rotary_scaling", False) else expected > 0
     if not torch.allclose(inv_freq[kept], expected[kept], rtol=1e-5, atol=0):
         raise ConfigError("model.rotary_base", f"GPTModel.rotary_base is {gpt.rotary_base}, but its rotary "
@@ -186,14 +184,19 @@ def _rotary_base(gpt) -> int:
     return int(gpt.rotary_base)
 
 
+def _frequencies(gpt) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rotary frequencies the model uses, those of ``GPTModel.rotary_base`` unscaled), float64 on the CPU."""
+    inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
+    dim = 2 * inv_freq.numel()
+    return inv_freq, 1.0 / float(gpt.rotary_base) ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+
+
 def _rope_scaling(gpt) -> dict:
     """Llama 3.1's RoPE scaling and its factor, read from the frequencies (wavelengths beyond megatron's
     original context of 8192 are divided by the factor; with none there, the factor changes nothing)."""
     if not getattr(gpt, "rotary_scaling", False):
         return {}
-    inv_freq = gpt.rotary_pos_emb.inv_freq.double().cpu()
-    dim = 2 * inv_freq.numel()
-    unscaled = 1.0 / gpt.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    inv_freq, unscaled = _frequencies(gpt)
     factor = float(unscaled[-1] / inv_freq[-1]) if 2 * math.pi / float(unscaled[-1]) > 8192 else 8.0
     return {"rope_scaling": True, "rope_scaling_factor": round(factor, 4)}
 

@@ -58,18 +58,16 @@ def main(args) -> int:
 def run_rank(job: GrowCheckpoint) -> int:
     """One rank: restore A, grow it, save B; rank 0 prints one JSON line."""
     # the ranks' imports (the parent validates without torch)
-    from mgrow.checkpoint import files
-    from mgrow.checkpoint.state import claim_root
+    from mgrow.checkpoint.state import claimed_root
     from mgrow.parallel.dims import init_distributed, shutdown
 
-    lock = None
     try:
         seed = job.metadata["config"].get("train", {}).get("seed", 0)
         dims = init_distributed(job.tp, job.pp, seed, device=job.device, backend=job.backend)
         start = time.perf_counter()
         grown, report, progress, save = _restore_and_grow(job, dims)
-        lock = claim_root(job.out, "--out", job.grown_bytes, dims)
-        written = save()
+        with claimed_root(job.out, "--out", job.grown_bytes, dims):
+            written = save()
         seconds = time.perf_counter() - start
         if dims.rank == 0:
             print(json.dumps({"in": str(job.folder), "out": str(written), "step": progress.step,
@@ -80,8 +78,6 @@ def run_rank(job: GrowCheckpoint) -> int:
                               "growth_seconds": report.growth_seconds, "seconds": seconds}), flush=True)
         grown.destroy()
     finally:
-        if lock is not None:
-            files.release_root(lock)
         shutdown()
     return 0
 

@@ -70,33 +70,29 @@ def import_main(args) -> int:
 
 def run_import(job: ImportHF) -> int:
     """One rank: its stage of the model, each tensor's shard read from the HF folder; saved as step 0."""
-    from mgrow.checkpoint import files
     from mgrow.checkpoint.files import Progress
-    from mgrow.checkpoint.huggingface import HFTensors, megatron_tensor
-    from mgrow.checkpoint.state import claim_root, save
+    from mgrow.checkpoint.huggingface import MegatronTensors
+    from mgrow.checkpoint.state import claimed_root, save
     from mgrow.engine.engines import build_engine
     from mgrow.engine.model import build_gpt
     from mgrow.parallel.dims import init_distributed, shutdown
     from mgrow.train.config import from_dict
 
-    lock = None
     try:
         cfg = from_dict(job.config)
         dims = init_distributed(job.tp, job.pp, cfg.train.seed, device=job.device, backend=job.backend)
-        family, tensors = FAMILIES[job.family], HFTensors(job.source)
-        model = build_gpt(cfg.model, dims, init=lambda name, shape: megatron_tensor(family, cfg.model, tensors, name))
+        model = build_gpt(cfg.model, dims, init=MegatronTensors(job.source, FAMILIES[job.family], cfg.model))
         engine = build_engine(model, cfg, dims)
-        lock = claim_root(job.out, "--out", cfg.model.checkpoint_bytes(), dims)
-        written = save(engine, cfg, Progress(), job.out)  # (the optimizer has not stepped: no state saved)
+        with claimed_root(job.out, "--out", cfg.model.checkpoint_bytes(), dims):
+            written = save(engine, cfg, Progress(), job.out)  # (the optimizer has not stepped: no state saved)
+            if dims.rank == 0:
+                (Path(job.out) / MODEL_FILE).write_text(yaml.safe_dump(cfg.model.to_dict(), sort_keys=False))
         if dims.rank == 0:
-            (Path(job.out) / MODEL_FILE).write_text(yaml.safe_dump(cfg.model.to_dict(), sort_keys=False))
             print(json.dumps({"from": job.source, "family": job.family, "out": str(written),
                               "model_file": str(Path(job.out) / MODEL_FILE), "params": cfg.model.num_parameters(),
                               "layout": {"tp": dims.tp, "pp": dims.pp}}), flush=True)
         engine.destroy()
     finally:
-        if lock is not None:
-            files.release_root(lock)
         shutdown()
     return 0
 

@@ -50,6 +50,7 @@ class Family:
     tensors: tuple[Rule, ...]
     per_layer: tuple[Rule, ...]
     defaults: dict = field(default_factory=dict)  # HF defaults of keys a config.json may leave out
+    builds: dict = field(default_factory=dict)  # ModelConfig values every model of the family has
 
 
 # Keys every transformers config carries that say nothing about the function.
@@ -86,25 +87,28 @@ _LLAMA_LAYER = (
 )
 # What the Llama-like families build: RMSNorm, SwiGLU, RoPE, no biases but (Qwen2) the QKV one.
 _LLAMA_MODEL = dict(normalization="RMSNorm", activation="swiglu", position_embedding_type="rope",
-                    add_bias_linear=False, hidden_dropout=0.0)
+                    add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0)
 
 FAMILIES = {
     "llama": Family(
         "llama", "LlamaForCausalLM", _LLAMA_KEYS,
         fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
         ignored=COMMON_IGNORED, tensors=_LLAMA_TENSORS, per_layer=_LLAMA_LAYER,
-        defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0}),
+        defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0},
+        builds=_LLAMA_MODEL),
     "mistral": Family(
         "mistral", "MistralForCausalLM", _LLAMA_KEYS,
         fixed={"hidden_act": "silu", "sliding_window": None},
         ignored=COMMON_IGNORED, tensors=_LLAMA_TENSORS, per_layer=_LLAMA_LAYER,
-        defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0}),
+        defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0},
+        builds=_LLAMA_MODEL),
     "qwen2": Family(
         "qwen2", "Qwen2ForCausalLM", _LLAMA_KEYS,
         fixed={"hidden_act": "silu", "use_sliding_window": False},
         ignored=(*COMMON_IGNORED, "sliding_window", "max_window_layers", "layer_types"),
         tensors=_LLAMA_TENSORS, per_layer=_LLAMA_LAYER,
-        defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0}),
+        defaults={"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_dropout": 0.0},
+        builds={**_LLAMA_MODEL, "add_qkv_bias": True}),
     "gpt2": Family(
         "gpt2", "GPT2LMHeadModel",
         keys={"n_layer": "num_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
@@ -137,7 +141,9 @@ FAMILIES = {
             Rule("mlp.linear_fc2.bias", ("transformer.h.{i}.mlp.c_proj.bias",)),
         ),
         defaults={"n_inner": None, "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.1, "attn_pdrop": 0.1,
-                  "embd_pdrop": 0.1, "activation_function": "gelu_new"}),
+                  "embd_pdrop": 0.1, "activation_function": "gelu_new"},
+        builds=dict(normalization="LayerNorm", position_embedding_type="learned_absolute", add_bias_linear=True,
+                    share_embeddings_and_output_weights=True)),
 }
 # GPT-2's activation names and the ModelConfig activation they are
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mgrow.checkpoint import files
-from mgrow.checkpoint.state import Progress, claim_root, load, save
+from mgrow.checkpoint.state import Progress, claimed_root, load, save
 from mgrow.core import faults, memory
 from mgrow.core.errors import ConfigError, TrainingStopped
 from mgrow.core.model_config import ModelConfig
@@ -82,15 +81,11 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
                                     backend=p.backend)
     models = run_models(start, 0 if resume is None else resume.progress.growth_applied)
     _check_memory(start, models, dims)
-    lock = None
-    if start.checkpoint.save is not None:  # writable, room for the run's largest model, this job's alone
-        need = max(model.checkpoint_bytes() for model in models)
-        lock = claim_root(start.checkpoint.save, "checkpoint.save", need, dims)
-    try:
+    if start.checkpoint.save is None:
         return _train(start, dims, resume, log)
-    finally:
-        if lock is not None:
-            files.release_root(lock)
+    need = max(model.checkpoint_bytes() for model in models)  # room for the run's largest model
+    with claimed_root(start.checkpoint.save, "checkpoint.save", need, dims):  # writable, this job's alone
+        return _train(start, dims, resume, log)
 
 
 def _check_memory(cfg: TrainConfig, models: list, dims: ParallelDims) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import cProfile
 import json
+import os
 import pstats
 import statistics
 import tempfile
@@ -51,6 +52,7 @@ from mgrow.checkpoint.files import read_metadata
 from mgrow.checkpoint.state import Progress, save
 from mgrow.core import memory
 from mgrow.core.errors import ConfigError
+from mgrow.core.files_in import read_yaml
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.plan import Plan, load_plan
 from mgrow.engine.engines import build_engine, global_mean_loss
@@ -270,9 +272,6 @@ def main(args) -> int:
 
 def scaling(args) -> int:
     """``--scaling STUDY``: growth, floor and bytes for each (model, plan) of the study at each TP size."""
-    import os
-
-    from mgrow.core.files_in import read_yaml
 
     study = read_yaml(args.scaling, "--scaling", "scaling study")
     points = []
