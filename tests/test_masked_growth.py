@@ -80,7 +80,8 @@ def test_exact_at_mask_zero_with_random_new_weights(single_rank, model, ops):
     plain = forward(grown, tokens)
     missing = float((plain - before).abs().max())
     assert missing >= MISSING_MASK_MOVES, f"without the masks the logits moved only {missing}: the test proves nothing"
-    assert float((at_one - plain).abs().max()) <= TOL  # m = 1 with hooks is the plain grown model (up to rounding)
+    # m = 1 with hooks is the plain grown model up to fp32 rounding, relative to the logits' size (~8 here)
+    assert float((at_one - plain).abs().max()) <= TOL * max(1.0, float(plain.abs().max()))
 
 
 def test_the_ramp_reaches_one_on_schedule_and_leaves_the_plain_model(single_rank):

@@ -4,6 +4,7 @@ import torch
 
 from mgrow.core.model_config import ModelConfig
 from mgrow.ops import Kind
+from mgrow.ops.common import FreeValues
 from mgrow.core.parameters import is_norm_gain
 from mgrow.ops.plan import apply_plan
 from mgrow.testing.harness import random_state
@@ -53,3 +54,28 @@ def test_free_entries_are_deterministic_from_the_seed_and_independent_of_dict_or
         assert torch.equal(tensor[~free], other_seed.state[name][~free]), name
         differing += int((tensor[free] != other_seed.state[name][free]).sum())
     assert differing == sum(int(m.mask(Kind.FREE).sum()) for m in first.maps.values())
+
+
+def test_a_shard_draws_exactly_the_full_draws_values_at_its_indices():
+    values = FreeValues(std=0.02, seed=3, stream=1)
+    full = values.draw("decoder.layers.0.mlp.linear_fc1.weight", (96, 40))
+    rows = torch.tensor([95, 0, 17, 18, 50])  # any order, as a shard-local permutation gives
+    assert torch.equal(values.draw("decoder.layers.0.mlp.linear_fc1.weight", (96, 40), (0, rows)), full[rows])
+    columns = torch.tensor([39, 2, 3])
+    assert torch.equal(values.draw("decoder.layers.0.mlp.linear_fc1.weight", (96, 40), (1, columns)),
+                       full[:, columns])
+    flat = torch.tensor([3, 3839, 41])
+    assert torch.equal(values.draw_at("decoder.layers.0.mlp.linear_fc1.weight", flat), full.reshape(-1)[flat])
+
+
+def test_counter_draws_are_standard_normal_and_independent_across_names_and_streams():
+    values = FreeValues(std=1.0, seed=0)
+    x = values.draw("a.weight", (1000, 1000)).double().flatten()
+    # N(0, 1) over 1e6 draws: mean within 5 standard errors, std and the 4th moment (3) within 1 %
+    assert abs(float(x.mean())) < 5e-3
+    assert abs(float(x.std()) - 1.0) < 1e-2
+    assert abs(float((x**4).mean()) - 3.0) < 3e-2
+    assert abs(float((x[:-1] * x[1:]).mean())) < 5e-3  # neighbours uncorrelated
+    for other in (values.draw("b.weight", (1000, 1000)), values.for_stream(1).draw("a.weight", (1000, 1000)),
+                  FreeValues(std=1.0, seed=1).draw("a.weight", (1000, 1000))):
+        assert abs(float((x * other.double().flatten()).mean())) < 5e-3

@@ -4,6 +4,7 @@ machinery that grows a tensor along one axis from a per-axis rule."""
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -29,11 +30,13 @@ class FreeValues:
 
     Every free entry is N(0, std), except those of norm gains, which are
     1 + N(0, std) (a fresh norm's gain is 1; a gain near 0 would switch the new
-    coordinate or layer off). One generator per (seed, stream, tensor name)
-    draws a full tensor of the grown shape, and a free entry takes the value at
-    its own position, so the result depends neither on dict order nor on which
-    other entries are free. ``stream`` separates the operators of one plan.
-    Draws are made on the CPU generator, whatever the weights' device, so a plan
+    coordinate or layer off). The draw is counter-based: the value of an entry
+    is a function of (seed, stream, tensor name, the entry's flat index in the
+    full grown tensor) alone (:func:`counter_normal`), so it depends neither on
+    dict order, nor on which other entries are free, nor on which rank draws
+    it: a TP rank draws only its own shard's entries and gets, bit for bit, what
+    the full-tensor draw gives there. ``stream`` separates the operators of one
+    plan. Draws are made on the CPU, whatever the weights' device, so a plan
     gives the same new entries on every device; callers move them.
     """
 
@@ -43,11 +46,64 @@ class FreeValues:
     def for_stream(self, stream: int) -> "FreeValues":
         return FreeValues(self.std, self.seed, stream)
 
-    def draw(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def draw(self, name: str, shape: tuple[int, ...], rows: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
+        """The draws of full tensor ``name`` of ``shape``; with ``rows`` = (dim, indices), only those indices
+        along ``dim`` (the tensor a shard holds there, in that order)."""
+        return self.draw_at(name, _flat_indices(shape, rows))
+
+    def draw_at(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """The draws at flat (row-major) indices ``index`` of full tensor ``name`` (float32, ``index``'s shape)."""
         key = hashlib.blake2b(f"{self.seed}/{self.stream}/{name}".encode(), digest_size=8).digest()
-        generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(key, "little") >> 1)
-        values = torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu") * self.std
-        return values + 1.0 if is_norm_gain(name) else values
+        values = counter_normal(index.to("cpu"), key).to(torch.float32).mul_(self.std)
+        return values.add_(1.0) if is_norm_gain(name) else values
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _flat_indices(shape: tuple[int, ...], rows: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
+    """Flat (row-major) indices into a tensor of ``shape``, of the whole tensor or of ``rows`` = (dim, indices)."""
+    index = torch.zeros((), dtype=torch.int64)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        along_dim = torch.arange(shape[dim], dtype=torch.int64)
+        if rows is not None and rows[0] == dim:
+            along_dim = rows[1].to(device="cpu", dtype=torch.int64)
+        index = index + along(along_dim * stride, dim, len(shape))
+        stride *= shape[dim]
+    return index
+
+
+def _mul32_(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """x = (x * constant) mod 2**32, in place, for 32-bit x held in int64 (no overflow: the constant's 16-bit
+    halves)."""
+    high = (x * (constant >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(high).bitwise_and_(_MASK32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser (a bijection with full avalanche), in place, on values in [0, 2**32)."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x85EBCA6B)
+    x.bitwise_xor_(x >> 13)
+    _mul32_(x, 0xC2B2AE35)
+    return x.bitwise_xor_(x >> 16)
+
+
+def counter_normal(index: torch.Tensor, key: bytes) -> torch.Tensor:
+    """Standard normal values (float64), one per int64 ``index`` (>= 0), a pure function of (8-byte key, index).
+
+    A 32-bit hash of the index under the key (murmur3's finaliser, keyed, over the
+    index's low then high 32 bits) is a uniform on a grid of 2**-32, and the
+    inverse normal CDF (``sqrt(2) erfinv(2u - 1)``) turns it into a normal (so
+    |value| < 6.3): integer arithmetic, then one float64 ``erfinv`` on the CPU,
+    so every rank that draws an entry gets the same bits.
+    """
+    low_key, high_key = int.from_bytes(key[:4], "little"), int.from_bytes(key[4:8], "little")
+    hashed = _mix32_(index.bitwise_and(_MASK32).bitwise_xor_(low_key))
+    _mix32_(hashed.bitwise_xor_(index >> 32).bitwise_xor_(high_key))
+    uniform = hashed.double().add_(0.5).mul_(2.0**-31).sub_(1.0)  # in (-1, 1)
+    return uniform.erfinv_().mul_(math.sqrt(2.0))
 
 
 @dataclass(frozen=True)
@@ -115,7 +171,8 @@ def grow_tensor(
     grown = carry(tmap, old)
     free = tmap.mask(Kind.FREE)
     if free.any():
-        grown[free] = values.draw(name, shape).to(device=device, dtype=grown.dtype)[free]
+        drawn = values.draw_at(name, torch.nonzero(free.reshape(-1)).flatten().cpu())
+        grown[free] = drawn.to(device=device, dtype=grown.dtype)
     if growing and rule.mean_block is not None:
         grown = _fill_block_means(grown, dim, rule)
     return grown, tmap

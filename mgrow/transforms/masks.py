@@ -92,8 +92,8 @@ def free_masked_entries(name: str, tensor: torch.Tensor, tmap: TensorMap, values
     if not bool(new.any()):
         return tensor
     out = tensor.clone()
-    new = new.to(tensor.device)
-    out[new] = values.draw(name, tuple(tensor.shape)).to(device=tensor.device, dtype=tensor.dtype)[new]
+    drawn = values.draw_at(name, torch.nonzero(new.reshape(-1)).flatten().cpu())
+    out[new.to(tensor.device)] = drawn.to(device=tensor.device, dtype=tensor.dtype)
     return out
 
 
