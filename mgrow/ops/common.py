@@ -49,7 +49,7 @@ class FreeValues:
     def draw(self, name: str, shape: tuple[int, ...], rows: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
         """The draws of full tensor ``name`` of ``shape``; with ``rows`` = (dim, indices), only those indices
         along ``dim`` (the tensor a shard holds there, in that order)."""
-        return self.draw_at(name, _flat_indices(shape, rows))
+        return self.draw_at(name, flat_indices(shape, rows))
 
     def draw_at(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """The draws at flat (row-major) indices ``index`` of full tensor ``name`` (float32, ``index``'s shape)."""
@@ -61,7 +61,7 @@ class FreeValues:
 _MASK32 = 0xFFFFFFFF
 
 
-def _flat_indices(shape: tuple[int, ...], rows: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
+def flat_indices(shape: tuple[int, ...], rows: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
     """Flat (row-major) indices into a tensor of ``shape``, of the whole tensor or of ``rows`` = (dim, indices)."""
     index = torch.zeros((), dtype=torch.int64)
     stride = 1
@@ -150,30 +150,91 @@ class AxisBuilder:
         return AxisRule(axis, cat(self._kind, torch.uint8), mean_block)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A shard's part of a tensor along one axis: growth from a shard to a shard.
+
+    ``held``: the indices (of the full tensor before the op, along ``dim``) the
+    shard given to the op holds, in its order; ``wanted``: the indices (of the
+    full grown tensor) the op must produce, in the order wanted. Every other
+    axis is whole. Growing from ``held`` to ``wanted`` gives, bit for bit, those
+    rows of the full-tensor result, provided every wanted row that copies an
+    old row finds it held (else :class:`NotLocal`).
+    """
+
+    dim: int
+    held: torch.Tensor  # int64
+    wanted: torch.Tensor  # int64
+
+    def positions(self, src: torch.Tensor) -> torch.Tensor:
+        """Where old full indices ``src`` (-1: new) lie in the held rows (-1 for new); NotLocal if one is not held."""
+        size = 1 + max(int(self.held.max()) if self.held.numel() else -1, int(src.max()) if src.numel() else -1)
+        where = torch.full((max(size, 0),), -1, dtype=torch.int64)
+        where[self.held] = torch.arange(len(self.held))
+        local = torch.where(src >= 0, where[src.clamp(min=0)], -1)
+        if bool(((src >= 0) & (local < 0)).any()):
+            raise NotLocal(f"rows {sorted(set(src[(src >= 0) & (local < 0)].tolist()))[:8]} along dim {self.dim} "
+                           "are not held here")
+        return local
+
+
+class NotLocal(Exception):
+    """A shard cannot be grown from the rows it holds (a grown row copies a row another shard holds)."""
+
+
+def needed_rows(src: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """The old indices (sorted, unique) that the grown indices ``wanted`` copy, by axis map ``src``."""
+    taken = src[wanted]
+    return torch.unique(taken[taken >= 0])
+
+
+def _restrict(rule: Optional[AxisRule], rows: Rows) -> AxisRule:
+    """``rule`` (None: the identity) on the wanted rows, its sources as positions in the held rows."""
+    if rule is None:
+        src = rows.wanted
+        ones = torch.ones(len(src), dtype=torch.float64)
+        axis, kind = AxisMap(src, ones, ones.clone()), torch.zeros(len(src), dtype=torch.uint8)
+        return AxisRule(AxisMap(rows.positions(src), axis.scale, axis.grad_scale), kind)
+    axis = rule.axis
+    src = axis.src[rows.wanted]
+    if rule.mean_block is not None:
+        raise NotLocal(f"mean padding along the sharded dim {rows.dim}")
+    return AxisRule(AxisMap(rows.positions(src), axis.scale[rows.wanted], axis.grad_scale[rows.wanted]),
+                    rule.kind[rows.wanted])
+
+
 def grow_tensor(
-    name: str, old: torch.Tensor, rules: dict[int, AxisRule], values: FreeValues
+    name: str, old: torch.Tensor, rules: dict[int, AxisRule], values: FreeValues,
+    rows: Optional[Rows] = None, shape: Optional[tuple[int, ...]] = None, old_name: Optional[str] = None,
 ) -> tuple[torch.Tensor, TensorMap]:
     """Grow ``old`` by per-axis rules (axes without a rule are kept); at most one axis may add entries.
 
-    Runs on ``old``'s device; the map it returns lives there too.
+    With ``rows`` (and the full grown ``shape``): ``old`` holds ``rows.held``
+    along ``rows.dim`` and the result is the grown rows ``rows.wanted``, its map
+    in those local positions. Runs on ``old``'s device; the map it returns lives
+    there too. ``old_name``: the tensor's name before the op (default ``name``).
     """
     ndim, device = old.dim(), old.device
+    rules = dict(rules)
+    if rows is not None:
+        rules[rows.dim] = _restrict(rules.get(rows.dim), rows)
     axes = tuple((rules[d].axis if d in rules else AxisMap.identity(old.shape[d])).to(device) for d in range(ndim))
-    shape = tuple(len(axis) for axis in axes)
-    growing = [d for d, rule in rules.items() if bool(rule.axis.is_new.any())]
+    local_shape = tuple(len(axis) for axis in axes)
+    growing = [d for d, rule in rules.items() if bool(rule.kind.any())]
     if len(growing) > 1:
         raise AssertionError(f"{name}: one operator grows one axis per tensor, got axes {growing}")
-    kind = torch.zeros(shape, dtype=torch.uint8, device=device)
+    kind = torch.zeros(local_shape, dtype=torch.uint8, device=device)
     if growing:
         dim, rule = growing[0], rules[growing[0]]
-        kind = along(rule.kind.to(device), dim, ndim).expand(shape).clone()
-    tmap = TensorMap(name, axes, kind)
+        kind = along(rule.kind.to(device), dim, ndim).expand(local_shape).clone()
+    tmap = TensorMap(old_name or name, axes, kind)
     grown = carry(tmap, old)
     free = tmap.mask(Kind.FREE)
     if free.any():
-        drawn = values.draw_at(name, torch.nonzero(free.reshape(-1)).flatten().cpu())
+        index = flat_indices(shape or local_shape, None if rows is None else (rows.dim, rows.wanted))
+        drawn = values.draw_at(name, index.expand(local_shape)[free.cpu()])
         grown[free] = drawn.to(device=device, dtype=grown.dtype)
-    if growing and rule.mean_block is not None:
+    if growing and rule.mean_block is not None and grown.numel():
         grown = _fill_block_means(grown, dim, rule)
     return grown, tmap
 
@@ -194,9 +255,20 @@ class OpStep:
         return name
 
     def grow(
-        self, name: str, old: Optional[torch.Tensor], shape: tuple[int, ...], values: FreeValues
+        self, name: str, old: Optional[torch.Tensor], shape: tuple[int, ...], values: FreeValues,
+        rows: Optional[Rows] = None,
     ) -> tuple[torch.Tensor, TensorMap]:
+        """Grown tensor ``name`` (full ``shape``) from ``old``; with ``rows``, from and to a shard (:class:`Rows`)."""
         raise NotImplementedError
+
+    def axis_source(self, name: str, dim: int) -> Optional[torch.Tensor]:
+        """Grown tensor ``name``'s axis map along ``dim`` (old index or -1 per grown index); None: unchanged."""
+        return None
+
+    def rows_needed(self, name: str, dim: int, wanted: torch.Tensor) -> torch.Tensor:
+        """The rows along ``dim`` of ``source(name)`` that grown rows ``wanted`` are made from."""
+        src = self.axis_source(name, dim)
+        return wanted if src is None else needed_rows(src, wanted)
 
 
 @dataclass(frozen=True)
@@ -207,11 +279,15 @@ class SuffixRules(OpStep):
     grown: ModelConfig
     rules: dict[str, dict[int, AxisRule]]
 
-    def grow(self, name, old, shape, values):
+    def grow(self, name, old, shape, values, rows=None):
         rule = _rule_for(name, self.rules)
-        if rule is None:
+        if rule is None and rows is None:
             return old.clone(), TensorMap.identity(name, tuple(old.shape), old.device)
-        return grow_tensor(name, old, rule, values)
+        return grow_tensor(name, old, rule or {}, values, rows, shape)
+
+    def axis_source(self, name, dim):
+        rule = (_rule_for(name, self.rules) or {}).get(dim)
+        return None if rule is None else rule.axis.src
 
 
 def apply_step(step: OpStep, state: dict[str, torch.Tensor], values: FreeValues, op: str) -> GrowthResult:

@@ -21,7 +21,7 @@ import torch
 from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import layer_index, renumber
 from mgrow.core.plan import layer_order, layers_target
-from mgrow.ops.common import FreeValues, GrowthResult, OpStep, apply_step
+from mgrow.ops.common import FreeValues, GrowthResult, OpStep, apply_step, grow_tensor
 from mgrow.ops.index_map import Kind, TensorMap
 
 OP = "layers"
@@ -69,10 +69,17 @@ class LayerInsert(OpStep):
         old = self.order[index]
         return None if old is None else renumber(name, old)
 
-    def grow(self, name, old, shape, values):
+    def grow(self, name, old, shape, values, rows=None):
         if old is not None:
+            if rows is not None:
+                return grow_tensor(name, old, {}, values, rows, shape, old_name=self.source(name))
             return old.clone(), TensorMap.identity(self.source(name), tuple(old.shape), old.device)
         # a new tensor starts on the CPU, where its free values are drawn; grow_one moves it to the weights'
         kind = Kind.ZERO if name.split(".", 3)[3] in ZERO_IN_NEW_LAYER else Kind.FREE
-        tensor = values.draw(name, shape) if kind == Kind.FREE else torch.zeros(shape, device="cpu")
-        return tensor, TensorMap.new_tensor(shape, kind, device="cpu")
+        local = list(shape)
+        if rows is not None:
+            local[rows.dim] = len(rows.wanted)
+        drawn = kind == Kind.FREE
+        tensor = values.draw(name, shape, None if rows is None else (rows.dim, rows.wanted)) if drawn else \
+            torch.zeros(local, device="cpu")
+        return tensor, TensorMap.new_tensor(tuple(local), kind, device="cpu")

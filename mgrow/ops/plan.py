@@ -14,7 +14,7 @@ from mgrow.core.model_config import ModelConfig
 from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan, load_plan
 from mgrow.ops import head_dim, heads, hidden, layers, mlp
-from mgrow.ops.common import FreeValues, GrowthResult, OpStep, apply_step, check_state
+from mgrow.ops.common import FreeValues, GrowthResult, OpStep, Rows, apply_step, check_state
 from mgrow.ops.index_map import TensorMap, compose, identity_maps
 
 STEPS = {"mlp": mlp.step, "heads": heads.step, "head_dim": head_dim.step, "hidden": hidden.step,
@@ -53,38 +53,62 @@ def apply_plan(
 
 def original_source(bound: list[OpStep], name: str) -> Optional[str]:
     """The tensor of the model before ``bound`` steps that grown tensor ``name`` is made from (None: new)."""
-    for step in reversed(bound):
-        name = step.source(name)
-        if name is None:
-            return None
-    return name
+    return source_chain(bound, name)[0]
 
 
 def grow_one(
-    bound: list[OpStep], values: FreeValues, name: str, original: Optional[torch.Tensor], device=None
+    bound: list[OpStep], values: FreeValues, name: str, original: Optional[torch.Tensor], device=None,
+    rows: Optional[Rows] = None,
 ) -> tuple[torch.Tensor, TensorMap]:
     """Grown tensor ``name`` and its map from ``original`` (the tensor :func:`original_source` names).
 
-    The same ops as :func:`apply_plan`, on one tensor: the sharded mover holds one full parameter at a time.
-    Both come back on ``device`` (default: ``original``'s, or the CPU for a new tensor).
+    The same ops as :func:`apply_plan`, on one tensor. With ``rows`` the tensor
+    is a shard: ``original`` holds old rows ``rows.held`` along ``rows.dim``, and
+    the result is grown rows ``rows.wanted`` (the map in local positions), equal
+    bit for bit to those rows of the full result; :class:`NotLocal` when they
+    need old rows that are not held. Both come back on ``device`` (default:
+    ``original``'s, or the CPU for a new tensor).
     """
     if device is None:
         device = original.device if original is not None else torch.device("cpu")
-    chain = [name]  # the tensor's name before each step, last step first
+    chain = source_chain(bound, name)
+    first = len(bound) - (len(chain) - 1)  # the step that creates the tensor, or 0
+    wanted = _wanted_rows(bound, chain, first, rows)
+    tensor, tmap = original, None
+    if original is not None:
+        tensor = original.to(device)
+        if rows is not None:
+            rows.positions(wanted[0])  # every old row the shard needs is held (else NotLocal)
+        tmap = TensorMap.identity(chain[0], tuple(original.shape), device)
+    held = None if rows is None else rows.held
+    for index in range(first, len(bound)):
+        step, target = bound[index], chain[index - first + 1]
+        shape = parameter_shapes(step.grown)[target]
+        step_rows = None if rows is None else Rows(rows.dim, held, wanted[index - first + 1])
+        tensor, step_map = step.grow(target, tensor, shape, values.for_stream(index), step_rows)
+        tensor, step_map = tensor.to(device), step_map.to(device)  # a new tensor is made on the CPU
+        tmap = step_map if tmap is None else compose({chain[index - first]: tmap}, {target: step_map})[target]
+        held = None if step_rows is None else step_rows.wanted
+    return tensor, tmap
+
+
+def source_chain(bound: list[OpStep], name: str) -> list[str]:
+    """Grown tensor ``name``'s name before each step it passes, first step first (its creation: from None)."""
+    chain = [name]
     for step in reversed(bound):
         chain.append(step.source(chain[-1]))
         if chain[-1] is None:
             break
     chain.reverse()
-    first = len(bound) - (len(chain) - 1)  # the step that creates the tensor, or 0
-    tensor, tmap = original, None
-    if original is not None:
-        tensor = original.to(device)
-        tmap = TensorMap.identity(chain[0], tuple(original.shape), device)
-    for index in range(first, len(bound)):
-        step, target = bound[index], chain[index - first + 1]
-        shape = parameter_shapes(step.grown)[target]
-        tensor, step_map = step.grow(target, tensor, shape, values.for_stream(index))
-        tensor, step_map = tensor.to(device), step_map.to(device)  # a new tensor is made on the CPU
-        tmap = step_map if tmap is None else compose({chain[index - first]: tmap}, {target: step_map})[target]
-    return tensor, tmap
+    return chain
+
+
+def _wanted_rows(bound, chain, first, rows: Optional[Rows]) -> list:
+    """Per stage of the chain (the original first), the rows the shard must hold there to give ``rows.wanted``."""
+    if rows is None:
+        return [None] * len(chain)
+    wanted = [rows.wanted]
+    for index in reversed(range(first, len(bound))):
+        wanted.append(bound[index].rows_needed(chain[index - first + 1], rows.dim, wanted[-1]))
+    wanted.reverse()
+    return wanted

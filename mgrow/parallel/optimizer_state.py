@@ -95,9 +95,30 @@ def _adam_step(inner: torch.optim.Optimizer) -> Optional[torch.Tensor]:
     return None
 
 
+def _assembled(params: list, fragments: list, group) -> list[torch.Tensor]:
+    """The full fp32 tensors of ``params`` from the disjoint pieces the DP ranks of ``group`` hold, in ONE
+    all-reduce (the pieces do not overlap: the sum assembles them). ``fragments``: per parameter, this rank's
+    (flat start, values) or None."""
+    sizes = [param.numel() for param in params]
+    buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
+    offset = 0
+    for size, fragment in zip(sizes, fragments):
+        if fragment is not None:
+            start, values = fragment
+            buffer[offset + start : offset + start + values.numel()] = values.reshape(-1)
+        offset += size
+    dist.all_reduce(buffer, group=group)
+    return [piece.view(param.shape) for piece, param in zip(buffer.split(sizes), params)]
+
+
 class TorchAdamState:
     def __init__(self, inner: torch.optim.Optimizer):
         self.inner = inner
+
+    def read(self, params: list, key: Optional[str] = None) -> list[torch.Tensor]:
+        """This TP rank's whole shards of ``params``' fp32 masters (``key`` None) or of Adam moment ``key``, in
+        as few collectives as the path allows (here none: every DP rank holds everything)."""
+        return [self.master(param) if key is None else self.moment(param, key) for param in params]
 
     @staticmethod
     def _main(param) -> torch.Tensor:
@@ -151,20 +172,24 @@ class DistributedOptimizerState(TorchAdamState):
         main = self.inner.param_groups[group_index]["params"][order]
         return main, self.optimizer._get_model_param_range_map(param)["param"]
 
-    def _assembled(self, param, piece) -> torch.Tensor:
-        """The full tensor of ``piece(main)`` over the DP ranks that own ranges of ``param``."""
-        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    def _fragment(self, param, key: Optional[str]):
         owned = self._main(param)
-        if owned is not None:
-            main, span = owned
-            full[span.start : span.end] = piece(main)
-        dist.all_reduce(full, group=self.group)  # ranges do not overlap: the sum assembles them
-        return full.view(param.shape)
+        if owned is None:
+            return None
+        main, span = owned
+        return span.start, main.detach() if key is None else self.inner.state[main][key]
+
+    def read(self, params: list, key: Optional[str] = None) -> list[torch.Tensor]:
+        """One all-reduce over the DP group for all of ``params`` (none for fp32 masters: the model parameter is
+        the master, all-gathered after each step)."""
+        if not params:
+            return []
+        if key is None and all(param.dtype == torch.float32 for param in params):
+            return [param.detach() for param in params]
+        return _assembled(params, [self._fragment(param, key) for param in params], self.group)
 
     def master(self, param) -> torch.Tensor:
-        if param.dtype == torch.float32:  # the model parameter is the master, all-gathered after each step
-            return param.detach()
-        return self._assembled(param, lambda main: main.detach())
+        return self.read([param])[0]
 
     def set_master(self, param, value: torch.Tensor) -> None:
         owned = self._main(param)
@@ -175,7 +200,7 @@ class DistributedOptimizerState(TorchAdamState):
             param.copy_(value)  # on every DP rank: what the all-gather after a step would bring
 
     def moment(self, param, key: str) -> torch.Tensor:
-        return self._assembled(param, lambda main: self.inner.state[main][key])
+        return self.read([param], key)[0]
 
     def set_moment(self, param, key: str, value: torch.Tensor) -> None:
         owned = self._main(param)
@@ -219,6 +244,21 @@ class ZeroState:
         if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state") and self.inner.state:
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def read(self, params: list, key: Optional[str] = None) -> list[torch.Tensor]:
+        """Stages 1 and 2 (and bf16 without ZeRO): one all-reduce over the DP group for all of ``params``, from
+        the fragments DeepSpeed maps each parameter to (``_hp_mapping``, as its ``get_full_hp_param`` reads one
+        at a time). Stage 3 partitions differently: one DeepSpeed call (a collective) per parameter."""
+        if not params:
+            return []
+        if any(hasattr(param, "ds_id") for param in params):
+            return [self.master(param) if key is None else self.moment(param, key) for param in params]
+        fragments = []
+        for param in params:
+            mapping = getattr(param, "_hp_mapping", None)
+            fragments.append(None if mapping is None else
+                             (mapping.lp_fragment_address.start, mapping.get_hp_fragment(key)))
+        return _assembled(params, fragments, params[0]._dp_group)
 
     def master(self, param) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param

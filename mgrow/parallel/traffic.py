@@ -66,6 +66,8 @@ class Traffic:
 
     def __init__(self):
         self.calls: collections.Counter = collections.Counter()
+        self.sent_by_op: collections.Counter = collections.Counter()
+        self.received_by_op: collections.Counter = collections.Counter()
         self.sent = self.received = 0
         self._saved: dict = {}
 
@@ -90,6 +92,8 @@ class Traffic:
                 sent, received = _moved(op, args, kwargs)
                 self.sent += sent
                 self.received += received
+                self.sent_by_op[op] += sent
+                self.received_by_op[op] += received
             return original(*args, **kwargs)
         return counted
 
@@ -98,4 +102,6 @@ class Traffic:
         return sum(self.calls.values())
 
     def report(self) -> dict:
-        return {"calls": dict(sorted(self.calls.items())), "sent_bytes": self.sent, "received_bytes": self.received}
+        return {"calls": dict(sorted(self.calls.items())), "sent_bytes": self.sent, "received_bytes": self.received,
+                "sent_bytes_by_op": dict(sorted(self.sent_by_op.items())),
+                "received_bytes_by_op": dict(sorted(self.received_by_op.items()))}

@@ -1,25 +1,30 @@
 """``grow_job``: grow a running job's model and optimizer state in memory, on every rank, all or nothing.
 
 read the live model -> validate the plan and the job -> build the grown stage
--> move weights (one full parameter at a time) -> rebuild the job around it
-with its own settings, carrying the LR schedule -> (bf16: set its fp32 masters)
--> move Adam moments -> hand back. The job is any :class:`GrowableJob`: a
-user's megatron-core objects (:mod:`mgrow.megatron`), a user's DeepSpeed engine
-(:mod:`mgrow.deepspeed`) or mgrow's own trainer engine (:func:`grow`). The old
-job is not touched until every rank has succeeded: a failure on any rank (an exception in its local work) is agreed on
-once per phase (the weights, the optimizer state; a rank that failed goes on with the phase's collectives only),
-raised on every rank as :class:`GrowthError` naming where each failed rank failed, and every rank keeps its old
-model and optimizer bit for bit.
+-> decide every move once (:mod:`mgrow.transforms.moves`) -> move weights ->
+rebuild the job around them with its own settings, carrying the LR schedule
+-> (bf16: set its fp32 masters) -> move Adam moments -> hand back. The job is
+any :class:`GrowableJob`: a user's megatron-core objects (:mod:`mgrow.megatron`),
+a user's DeepSpeed engine (:mod:`mgrow.deepspeed`) or mgrow's own trainer
+engine (:func:`grow`). The old job is not touched until every rank has
+succeeded: a failure on any rank (an exception in its local work) is agreed on
+once per phase (the weights, the optimizer state; a rank that failed goes on
+with the phase's collectives only), raised on every rank as
+:class:`GrowthError` naming where each failed rank failed, and every rank keeps
+its old model and optimizer bit for bit.
 
-Each grown parameter is made from one full old parameter: its holders gather
-it over TP (and the optimizer assembles its DP pieces), send it to the new
-owning stage if layers moved, and the owners run the reference operators on it
-(:func:`mgrow.ops.plan.grow_one`) and keep their TP shard, taken after the one
-documented permutation (:func:`mgrow.parallel.shards.shard_local`): old MLP units
-and query groups stay on the TP rank that held them, new ones are dealt out
-evenly, so the grown model computes every old partial sum in the same order.
+Each TP rank grows its own shard from its own old shard (:func:`mgrow.ops.plan.grow_one`
+with the table's rows): the documented permutation
+(:func:`mgrow.parallel.layout.shard_local_order`) keeps old MLP units and query
+groups on the TP rank that held them and deals new ones out evenly, so the
+grown model computes every old partial sum in the same order, and the free
+entries are counter-based draws, so a shard's are the full draw's. The
+optimizer's pieces of the old shards are read in bulk (one DP collective per
+chunk of the table per tensor kind), layers that change stage are sent peer to
+peer once per pass, and only parameters whose query groups megatron splits over
+several TP ranks are gathered over TP and grown whole.
 
-In bf16 the full parameter read is the optimizer's fp32 master, and growth runs
+In bf16 the shard read is the optimizer's fp32 master, and growth runs
 on it in fp32; the new optimizer's masters are set to the grown fp32 shards and
 the bf16 parameters to their rounding (the new optimizer alone would have made
 its masters from the bf16 parameters, losing the masters' low bits).
@@ -36,17 +41,17 @@ import torch
 from mgrow.core import faults, memory
 from mgrow.core.errors import ConfigError, GrowthError
 from mgrow.core.model_config import ModelConfig
-from mgrow.core.parameters import parameter_shapes
 from mgrow.core.plan import Plan, load_plan
 from mgrow.core.tolerances import preservation_tol
 from mgrow.engine.model import by_global_name, largest_abs
 from mgrow.engine.protocols import GrowableJob
 from mgrow.ops import carry_moment
-from mgrow.ops.plan import free_values, grow_one, original_source, steps as bind_steps
+from mgrow.ops.plan import free_values, grow_one, steps as bind_steps
 from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
 from mgrow.parallel.optimizer_state import MOMENTS
-from mgrow.parallel.shards import gather_tp, move_between_stages, shard_rows, source_stage, take_shard
+from mgrow.parallel.shards import gather_tp, move_between_stages, shard_rows, take_shard
+from mgrow.transforms import moves
 from mgrow.transforms.agreement import Agreement, PhaseFailure, RngState, agreed_step
 from mgrow.transforms.masks import GrowthMasks, free_masked_entries
 
@@ -64,6 +69,8 @@ class GrowthReport:
     model_after: Optional[ModelConfig] = None
     stages_before: Optional[tuple] = None  # layers on each pipeline stage (mgrow.core.stages)
     stages_after: Optional[tuple] = None
+    # this rank's stage-to-stage bytes per tensor pass and gathered parameters, from the table of moves
+    planned_traffic: Optional[dict] = None
 
 
 def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
@@ -134,7 +141,8 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
         job.destroy()
     report = GrowthReport(old_cfg.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
                           growth_masks if masked else None, peak, old_cfg, grown,
-                          old_cfg.stage_split(dims.pp).layers, grown.stage_split(dims.pp).layers)
+                          old_cfg.stage_split(dims.pp).layers, grown.stage_split(dims.pp).layers,
+                          mover.table.planned_bytes())
     return new_job, report
 
 
@@ -162,79 +170,141 @@ def grow(engine, cfg, plan, **options):
     return new_engine, new_engine.cfg, report
 
 
+# The old shards read in one bulk read are at most this many elements (fp32): the transient memory of a phase
+# is one chunk of one tensor kind (masters, or one Adam moment) plus the grown shards of its parameters.
+CHUNK_ELEMENTS = 1 << 26
+
+
 class _Mover:
-    """The two passes over the grown model's parameters (global names, one fixed order on every rank)."""
+    """Executes the table of moves (:mod:`mgrow.transforms.moves`) for the weights, then for each Adam moment.
+
+    Each pass goes through the table in chunks (the same on every rank): every
+    stage reads the old shards of its sources in the chunk in one bulk read
+    (one DP collective where the optimizer splits them over DP), sends the ones
+    whose layers change stage to their new stage peer to peer, and grows its
+    grown shards locally; gathered parameters (:class:`~mgrow.transforms.moves.Move`
+    ``local`` False) are all-gathered over TP and grown whole.
+    """
 
     def __init__(self, steps, values, old_cfg, dims, agree: Agreement, masked: bool = False):
         self.steps, self.values, self.dims, self.agree = steps, values, dims, agree
         # masked growth draws the masked new entries from their own stream, after the plan's operators'
         self.mask_values = values.for_stream(len(steps)) if masked else None
         self.old_cfg, self.new_cfg = old_cfg, steps[-1].grown
-        self.old_shapes = parameter_shapes(old_cfg)
-        self.new_shapes = parameter_shapes(self.new_cfg)
+        self.table = agree.validate("deciding the moves", lambda: moves.build(steps, old_cfg, dims))
         self.masters: dict[str, torch.Tensor] = {}  # bf16: this rank's grown fp32 shards, until set_masters
-        # per grown parameter on this rank, from the weights pass: its index map and TP shard rows (the
-        # moments follow the same map; recomputing it meant growing the weight again)
-        self.maps: dict[str, tuple] = {}
+        # per grown parameter on this rank, from the weights pass: its index map (local, or full for a gathered
+        # parameter); the moments follow the same map
+        self.maps: dict = {}
 
-    def _route(self, name: str):
-        """(old source name or None, old holders, new holders) of grown parameter ``name``."""
-        source = original_source(self.steps, name)
-        holders = () if source is None else layout_table.stages_of(source, self.old_cfg, self.dims.pp)
-        return source, holders, layout_table.stages_of(name, self.new_cfg, self.dims.pp)
+    def _chunks(self):
+        """The table in chunks of at most CHUNK_ELEMENTS old elements per stage (the same chunks on every rank)."""
+        chunk, size = [], 0
+        for move in self.table:
+            elements = 0 if move.old_shape is None else int(torch.Size(move.old_shape).numel())
+            if chunk and size + elements > CHUNK_ELEMENTS:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(move)
+            size += elements
+        if chunk:
+            yield chunk
 
-    def _gathered(self, source, holders, destinations, read) -> Optional[torch.Tensor]:
-        """The full old tensor ``read(source)``, on this rank if it is a destination."""
-        needed = {source_stage(d, holders) for d in destinations}
-        full = read(source) if self.dims.stage in needed else None
-        return move_between_stages(full, self.old_shapes[source], holders, destinations, self.dims)
+    def _old_shards(self, chunk, old_params, read):
+        """name -> this rank's old shard of each source this stage holds and some destination needs."""
+        stage = self.dims.stage
+        wanted = [m for m in chunk if m.source is not None and stage in m.holders
+                  and (stage in m.destinations or m.sends(stage))]
+        tensors = read([old_params[m.source] for m in wanted])
+        return {m.name: tensor for m, tensor in zip(wanted, tensors)}
 
-    def _my_shard(self, tensor, name, tmap):
-        if name not in self.maps:
-            old_shape = self.old_shapes[tmap.old_name] if tmap.old_name is not None else None
-            self.maps[name] = (tmap, *shard_rows(name, tmap, old_shape, self.new_cfg, self.dims))
-        _, layout, rows = self.maps[name]
-        return take_shard(tensor, layout, rows, self.dims)
+    def _source_for(self, move, shards):
+        """This rank's input for ``move``: the old shard (local), or the full old tensor (gathered); sent to the
+        destination stages that do not hold it. None where this rank's stage is not a destination."""
+        dims, stage = self.dims, self.dims.stage
+        if move.source is None:
+            return None
+        tensor = shards.get(move.name)
+        if not move.local:  # gathered: the holders all-gather over TP, then the full tensor travels
+            full = gather_tp(tensor, layout_table.layout_of(move.source, self.old_cfg), dims) \
+                if tensor is not None else None
+            return move_between_stages(full, move.old_shape, move.holders, move.destinations, dims)
+        for destination in move.sends(stage):
+            collectives.send(dims, tensor, dims.stage_peers[destination])
+        peer = move.receives(stage)
+        if peer is not None:
+            return collectives.recv(dims, move.old_shard_shape, torch.float32, dims.stage_peers[peer])
+        return tensor if stage in move.destinations else None
+
+    def _real_rows(self, move, shard):
+        """The shard's real rows (a padded vocabulary's padding rows dropped)."""
+        if move.old_padding and shard is not None:
+            return shard.narrow(move.rows.dim, 0, shard.shape[move.rows.dim] - move.old_padding)
+        return shard
+
+    def _padded(self, move, shard):
+        if not move.new_padding:
+            return shard
+        pad = list(shard.shape)
+        pad[move.rows.dim] = move.new_padding
+        return torch.cat([shard, shard.new_zeros(pad)], dim=move.rows.dim)
+
+    def _grow_weight(self, move, source):
+        """This rank's grown shard of ``move`` and the map the moments follow."""
+        if move.local:
+            tensor, tmap = grow_one(self.steps, self.values, move.name, self._real_rows(move, source),
+                                    self.dims.device, move.rows)
+            if self.mask_values is not None:
+                tensor = free_masked_entries(move.name, tensor, tmap, self.mask_values, move.new_shape, move.rows)
+            return self._padded(move, tensor), tmap
+        tensor, tmap = grow_one(self.steps, self.values, move.name, source, self.dims.device)
+        if self.mask_values is not None:
+            tensor = free_masked_entries(move.name, tensor, tmap, self.mask_values)
+        return self._gathered_shard(move, tensor, tmap), tmap
+
+    def _gathered_shard(self, move, full, tmap):
+        """A gathered parameter's shard of its full grown tensor (after the documented permutation)."""
+        if move.name not in self.maps:
+            self.maps[move.name] = (tmap, *shard_rows(move.name, tmap, move.old_shape, self.new_cfg, self.dims))
+        _, layout, rows = self.maps[move.name]
+        return take_shard(full, layout, rows, self.dims)
 
     def weights(self, engine, new_model) -> None:
         old = by_global_name(engine.module)
         state = engine.optimizer_state()
         new = by_global_name(new_model)
-
-        def read(source):
-            layout = layout_table.layout_of(source, self.old_cfg)
-            return gather_tp(state.master(old[source]), layout, self.dims)
-
         failure = PhaseFailure()
-        for name in self.new_shapes:
-            source, holders, destinations = self._route(name)
-            full = None if source is None else self._gathered(source, holders, destinations, read)
-            if self.dims.stage in destinations and not failure.failed:
+        for chunk in self._chunks():
+            shards = self._old_shards(chunk, old, state.read)
+            for move in chunk:
+                source = self._source_for(move, shards)
+                if self.dims.stage not in move.destinations or failure.failed:
+                    continue
                 try:
-                    faults.growth_failure_point("weights", name)
-                    faults.kill_point("growth", name)
-                    tensor, tmap = grow_one(self.steps, self.values, name, full, self.dims.device)
-                    if self.mask_values is not None:
-                        tensor = free_masked_entries(name, tensor, tmap, self.mask_values)
-                    shard = self._my_shard(tensor, name, tmap)
+                    faults.growth_failure_point("weights", move.name)
+                    faults.kill_point("growth", move.name)
+                    shard, tmap = self._grow_weight(move, source)
+                    if move.local:
+                        self.maps[move.name] = tmap
                     with torch.no_grad():
-                        new[name].copy_(shard)
+                        new[move.name].copy_(shard)
                     if self.new_cfg.bf16:
-                        self.masters[name] = shard.clone()
+                        self.masters[move.name] = shard.clone()
                 except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
-                    failure.record(name, caught)
+                    failure.record(move.name, caught)
+            del shards
         self.agree.check_phase(failure, "weights")
 
     def set_masters(self, new_engine) -> None:
         """The new optimizer's fp32 masters from the grown fp32 shards (and the bf16 parameters from them)."""
         state = new_engine.optimizer_state()
         new = by_global_name(new_engine.module)
-        for name in self.new_shapes:
-            if name in self.masters:
-                state.set_master(new[name], self.masters.pop(name))
+        for move in self.table:
+            if move.name in self.masters:
+                state.set_master(new[move.name], self.masters.pop(move.name))
 
     def moments(self, engine, new_engine) -> None:
-        """Adam moments, one moment of one parameter at a time (m and v follow the weight's index map)."""
+        """Adam moments, one moment kind at a time (m and v follow the weight's index map)."""
         old_state, new_state = engine.optimizer_state(), new_engine.optimizer_state()
         step = agreed_step(self.dims, old_state.step())
         if step is None:  # no optimizer step taken yet: the new optimizer starts fresh too
@@ -244,23 +314,28 @@ class _Mover:
         new = by_global_name(new_engine.module)
 
         failure = PhaseFailure()
-        for name in self.new_shapes:
-            source, holders, destinations = self._route(name)
-            if source is None:
-                continue  # a new tensor: its moments stay 0
-            layout = layout_table.layout_of(source, self.old_cfg)
-            for key in MOMENTS:
-                read = lambda src: gather_tp(old_state.moment(old[src], key), layout, self.dims)  # noqa: E731
-                full = self._gathered(source, holders, destinations, read)
-                if self.dims.stage not in destinations or failure.failed:
-                    continue
-                try:
-                    faults.growth_failure_point("moments", name)
-                    tmap = self.maps[name][0]  # the weight's index map (weights pass)
-                    grown = carry_moment(tmap, full, power=MOMENTS.index(key) + 1)
-                    new_state.set_moment(new[name], key, self._my_shard(grown, name, tmap))
-                except Exception as caught:  # noqa: BLE001
-                    failure.record(name, caught)
+        for key in MOMENTS:
+            power = MOMENTS.index(key) + 1
+            for chunk in self._chunks():
+                shards = self._old_shards(chunk, old, lambda params: old_state.read(params, key))
+                for move in chunk:
+                    if move.source is None:
+                        continue  # a new tensor: its moments stay 0
+                    source = self._source_for(move, shards)
+                    if self.dims.stage not in move.destinations or failure.failed:
+                        continue
+                    try:
+                        faults.growth_failure_point("moments", move.name)
+                        if move.local:
+                            grown = carry_moment(self.maps[move.name], self._real_rows(move, source), power)
+                            grown = self._padded(move, grown)
+                        else:
+                            tmap, layout, rows = self.maps[move.name]
+                            grown = take_shard(carry_moment(tmap, source, power), layout, rows, self.dims)
+                        new_state.set_moment(new[move.name], key, grown)
+                    except Exception as caught:  # noqa: BLE001
+                        failure.record(move.name, caught)
+                del shards
         self.agree.check_phase(failure, "optimizer state")
 
 

@@ -64,6 +64,7 @@ from typing import Optional
 import torch
 
 from mgrow.core.parameters import parameter_shapes
+from mgrow.ops.common import flat_indices
 from mgrow.ops.index_map import Kind, TensorMap
 from mgrow.ops.plan import free_values, grow_one, original_source, steps as bind_steps
 from mgrow.parallel.shards import shard_rows, take_shard
@@ -82,9 +83,11 @@ def mask_value(step: int, grow_step: int, steps: int) -> float:
     return min(1.0, max(0.0, (step - grow_step) / steps))
 
 
-def free_masked_entries(name: str, tensor: torch.Tensor, tmap: TensorMap, values) -> torch.Tensor:
-    """``tensor`` (grown, full) with every must-be-zero or mean-padded entry that a mask covers drawn like a
-    free entry (free entries keep the plan's draw)."""
+def free_masked_entries(name: str, tensor: torch.Tensor, tmap: TensorMap, values, shape=None, rows=None
+                        ) -> torch.Tensor:
+    """``tensor`` (grown, full; or a shard: the full ``shape`` and its :class:`~mgrow.ops.common.Rows`) with
+    every must-be-zero or mean-padded entry that a mask covers drawn like a free entry (free entries keep the
+    plan's draw)."""
     covered = tmap.old_name is None or name.endswith(_COVERED)
     if not covered:
         return tensor
@@ -92,7 +95,11 @@ def free_masked_entries(name: str, tensor: torch.Tensor, tmap: TensorMap, values
     if not bool(new.any()):
         return tensor
     out = tensor.clone()
-    drawn = values.draw_at(name, torch.nonzero(new.reshape(-1)).flatten().cpu())
+    if rows is None:
+        index = torch.nonzero(new.reshape(-1)).flatten().cpu()
+    else:
+        index = flat_indices(shape, (rows.dim, rows.wanted))[new.cpu()]
+    drawn = values.draw_at(name, index)
     out[new.to(tensor.device)] = drawn.to(device=tensor.device, dtype=tensor.dtype)
     return out
 

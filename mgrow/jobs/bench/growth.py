@@ -163,6 +163,9 @@ def run(bench: "GrowthBench") -> int:
         "sent_bytes": _gather(traffic.sent),
         "received_bytes": _gather(traffic.received),
         "calls_by_op": traffic.report()["calls"],
+        "calls_by_rank": _gather(traffic.report()["calls"]),
+        "p2p_bytes_by_rank": _gather({"sent": traffic.sent_by_op["send"], "received": traffic.received_by_op["recv"]}),
+        "planned_by_rank": _gather(report.planned_traffic),
     }
     if dims.rank == 0:
         print(json.dumps(result), flush=True)
