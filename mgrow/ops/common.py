@@ -63,10 +63,10 @@ _MASK32 = 0xFFFFFFFF
 
 def flat_indices(shape: tuple[int, ...], rows: Optional[tuple[int, torch.Tensor]] = None) -> torch.Tensor:
     """Flat (row-major) indices into a tensor of ``shape``, of the whole tensor or of ``rows`` = (dim, indices)."""
-    index = torch.zeros((), dtype=torch.int64)
+    index = torch.zeros((), dtype=torch.int64, device="cpu")
     stride = 1
     for dim in reversed(range(len(shape))):
-        along_dim = torch.arange(shape[dim], dtype=torch.int64)
+        along_dim = torch.arange(shape[dim], dtype=torch.int64, device="cpu")
         if rows is not None and rows[0] == dim:
             along_dim = rows[1].to(device="cpu", dtype=torch.int64)
         index = index + along(along_dim * stride, dim, len(shape))
@@ -169,8 +169,8 @@ class Rows:
     def positions(self, src: torch.Tensor) -> torch.Tensor:
         """Where old full indices ``src`` (-1: new) lie in the held rows (-1 for new); NotLocal if one is not held."""
         size = 1 + max(int(self.held.max()) if self.held.numel() else -1, int(src.max()) if src.numel() else -1)
-        where = torch.full((max(size, 0),), -1, dtype=torch.int64)
-        where[self.held] = torch.arange(len(self.held))
+        where = torch.full((max(size, 0),), -1, dtype=torch.int64, device="cpu")
+        where[self.held] = torch.arange(len(self.held), device="cpu")
         local = torch.where(src >= 0, where[src.clamp(min=0)], -1)
         if bool(((src >= 0) & (local < 0)).any()):
             raise NotLocal(f"rows {sorted(set(src[(src >= 0) & (local < 0)].tolist()))[:8]} along dim {self.dim} "
@@ -192,9 +192,9 @@ def _restrict(rule: Optional[AxisRule], rows: Rows) -> AxisRule:
     """``rule`` (None: the identity) on the wanted rows, its sources as positions in the held rows."""
     if rule is None:
         src = rows.wanted
-        ones = torch.ones(len(src), dtype=torch.float64)
-        axis, kind = AxisMap(src, ones, ones.clone()), torch.zeros(len(src), dtype=torch.uint8)
-        return AxisRule(AxisMap(rows.positions(src), axis.scale, axis.grad_scale), kind)
+        ones = torch.ones(len(src), dtype=torch.float64, device="cpu")
+        kind = torch.zeros(len(src), dtype=torch.uint8, device="cpu")
+        return AxisRule(AxisMap(rows.positions(src), ones, ones.clone()), kind)
     axis = rule.axis
     src = axis.src[rows.wanted]
     if rule.mean_block is not None:

@@ -86,10 +86,10 @@ def tp_chunks(full: torch.Tensor, layout: TensorLayout, tp: int) -> list[torch.T
 def shard_indices(length: int, layout: TensorLayout, rank: int, tp: int) -> torch.Tensor:
     """TP rank ``rank``'s indices of a full axis of ``length`` along the partition dim, as :func:`tp_chunks`
     splits it (int64 on the CPU; -1 for a padded vocabulary's padding rows)."""
-    index = torch.arange(length, dtype=torch.int64)
+    index = torch.arange(length, dtype=torch.int64, device="cpu")
     if layout.vocab is not None:
         vocab, divisible_by = layout.vocab
-        index = torch.cat([index, torch.full((padded_vocab_size(vocab, divisible_by, tp) - length,), -1)])
+        index = torch.cat([index, torch.full((padded_vocab_size(vocab, divisible_by, tp) - length,), -1, device="cpu")])
     pieces = torch.chunk(index, tp * layout.stride)
     return torch.cat(pieces[rank :: tp])
 

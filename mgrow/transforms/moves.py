@@ -144,7 +144,7 @@ def _shard_rows(layout, old_shape, new_shape, order, rank: int, tp: int):
     """(Rows of TP rank ``rank``'s shards along the TP dim, old padding rows, new padding rows); ``order``: the
     grown axis's shard-local order, or None for megatron's plain split."""
     dim = layout.partition_dim
-    held = torch.empty(0, dtype=torch.int64)
+    held = torch.empty(0, dtype=torch.int64, device="cpu")
     old_padding = 0
     if old_shape is not None:
         held, old_padding = _split(old_shape[dim], layout, rank, tp)
@@ -167,7 +167,7 @@ def _grown_order(bound, name, source, layout, old_shape, new_shape, new_cfg, tp:
     if tp == 1 or source is None or layout.vocab_parallel:
         return None
     dim = layout.partition_dim
-    src = torch.arange(old_shape[dim])
+    src = torch.arange(old_shape[dim], device="cpu")
     for step, target in zip(bound, source_chain(bound, name)[1:]):
         step_src = step.axis_source(target, dim)
         if step_src is not None:
