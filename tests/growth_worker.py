@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     from mgrow.core import memory
     from mgrow.core.errors import ConfigError
     from mgrow.core.errors import GrowthError
-    from mgrow.transforms.grow import grow
+    from mgrow.transforms.grow import CHUNK_ELEMENTS, grow
     from mgrow.testing.harness import RandomBatches, check_config as train_config, gather_state
     from mgrow.engine.model import build_gpt
     from mgrow.core.model_config import ModelConfig
@@ -74,6 +74,8 @@ def main(argv: list[str]) -> None:
         result["next_loss"] = global_mean_loss(engine.train_step(batches(steps_before)), dims)
     elif mode == "memory":
         old_bytes = _state_bytes(engine)
+        # one bulk read of one tensor kind: this rank's whole old shards in fp32 (capped at a chunk)
+        bulk_bytes = 4 * min(CHUNK_ELEMENTS, sum(p.numel() for p in engine.module.parameters()))
         memory.rss_reset_peak()
         start = memory.rss_current()
         engine, grown_cfg, report = grow(engine, cfg, plan)
@@ -81,6 +83,7 @@ def main(argv: list[str]) -> None:
         result["old_state_bytes"] = old_bytes
         result["new_state_bytes"] = _state_bytes(engine)
         result["largest_param_state_bytes"] = 3 * 4 * max(math.prod(s) for s in _shapes(grown_cfg.model))
+        result["bulk_read_bytes"] = bulk_bytes
         result["whole_model_state_bytes"] = 3 * 4 * (model.num_parameters() + grown_cfg.model.num_parameters())
     else:
         engine, cfg, report = grow(engine, cfg, plan)

@@ -32,6 +32,7 @@ from mgrow.core.parameters import parameter_shapes
 from mgrow.ops.common import NotLocal, Rows
 from mgrow.ops.plan import original_source, source_chain
 from mgrow.parallel import layout as layout_table
+from mgrow.parallel.shards import source_stage
 
 FP32_BYTES = 4
 
@@ -54,27 +55,23 @@ class Move:
     def old_shard_shape(self) -> Optional[tuple[int, ...]]:
         if self.old_shape is None:
             return None
-        return _shard_shape(self.old_shape, self.layout, self.rows, "held", self.old_padding)
+        return _shard_shape(self.old_shape, self.rows, "held", self.old_padding)
 
     @property
     def new_shard_shape(self) -> tuple[int, ...]:
-        return _shard_shape(self.new_shape, self.layout, self.rows, "wanted", self.new_padding)
-
-    def source_stage(self, destination: int) -> int:
-        """The old stage a destination reads the source from: itself if it holds it, else the first holder."""
-        return destination if destination in self.holders else self.holders[0]
+        return _shard_shape(self.new_shape, self.rows, "wanted", self.new_padding)
 
     def sends(self, stage: int) -> tuple[int, ...]:
         """The new stages ``stage`` sends the source to (stage to stage, peer to peer)."""
         if self.source is None:
             return ()
-        return tuple(d for d in self.destinations if d != stage and self.source_stage(d) == stage)
+        return tuple(d for d in self.destinations if d != stage and source_stage(d, self.holders) == stage)
 
     def receives(self, stage: int) -> Optional[int]:
         """The old stage ``stage`` receives the source from, or None."""
         if self.source is None or stage not in self.destinations or stage in self.holders:
             return None
-        return self.holders[0]
+        return source_stage(stage, self.holders)
 
     def moved_elements(self) -> int:
         """Elements one send of this move carries: this rank's old shard (local) or the whole old tensor."""
@@ -89,7 +86,7 @@ def _numel(shape) -> int:
     return out
 
 
-def _shard_shape(shape, layout, rows: Optional[Rows], which: str, padding: int) -> tuple[int, ...]:
+def _shard_shape(shape, rows: Optional[Rows], which: str, padding: int) -> tuple[int, ...]:
     if rows is None:
         return tuple(shape)
     out = list(shape)
