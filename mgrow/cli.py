@@ -96,6 +96,13 @@ def _bench_study_arguments(parser, study: str, runs: bool = True) -> None:
         parser.add_argument("--runs", default=None, help="comma-separated runs to train (scratch always runs)")
         parser.add_argument("--reuse", action="store_true",
                             help="read a run's metrics in --out instead of training it again when they are complete")
+        parser.add_argument("--jobs", type=int, default=1, help="trials trained at once (each one single-threaded rank)")
+        parser.add_argument("--results", default=None,
+                            help="results file (default <study dir>/results/<study>_<size>.json; written when the "
+                                 "size sweeps LRs or seeds, or when given)")
+        parser.add_argument("--rerun", default=None, metavar="TRIAL",
+                            help="train one trial of the results file again from its recorded config and compare "
+                                 "the curves")
     parser.add_argument("--plot", default=None, help="write the validation loss vs FLOPs plot (PNG) here")
 
 
@@ -183,6 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build the indexed byte-level corpus")
     data.add_argument("--out", default="data/cache/corpus", help="output prefix (.bin/.idx are written)")
     data.add_argument("--source", action="append", default=None, help="text file or folder (repeatable)")
+    data.add_argument("--pattern", default="*", help="file names to read in a folder, searched recursively; "
+                      ".gz files are decompressed (e.g. '*.rst.gz')")
+    data.add_argument("--exclude", action="append", default=None,
+                      help="leave out files under a folder of this name (repeatable, e.g. translations)")
     return parser
 
 
