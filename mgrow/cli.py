@@ -1,4 +1,4 @@
-"""`mgrow` command line: train, verify, grow-checkpoint, fuse, bench, plot, data.
+"""`mgrow` command line: train, verify, grow-checkpoint, fuse, bench, plot, plan, data.
 
 The parser imports nothing heavy: a bad flag or config is refused on every rank
 before torch, megatron-core or DeepSpeed is loaded.
@@ -187,6 +187,22 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, help="PNG to write")
     plot.add_argument("--title", default="", help="plot title (default: the run folder's name)")
 
+    plan = sub.add_parser("plan", help="dry-run a growth at any scale: memory per rank, bytes moved, projected time")
+    plan.add_argument("--model", required=True, help="model YAML (ModelConfig keys) the job runs now")
+    plan.add_argument("--plan", required=True, help="growth plan YAML")
+    for flag in ("tp", "pp", "dp"):
+        plan.add_argument(f"--{flag}", type=int, default=1, help=f"{flag} of the job")
+    plan.add_argument("--optimizer", default="megatron", help="adam | megatron | zero1 | zero2 | zero3")
+    plan.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 masters")
+    plan.add_argument("--device-memory", default="80GiB", help="memory of one rank's device")
+    plan.add_argument("--bandwidth", default="intra=300GB/s,inter=25GB/s",
+                      help="per-GPU link bandwidth, stated (not measured): intra-node and inter-node")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="consecutive ranks per node")
+    plan.add_argument("--local-bytes-per-second", default=None,
+                      help="rate of local growth work (default: measured on this machine's CPU)")
+    plan.add_argument("--no-moments", action="store_true", help="Adam has not stepped (or optimizer_state: reset)")
+    plan.add_argument("--ranks", action="store_true", help="every rank's numbers in the JSON line")
+
     data = sub.add_parser("data", help="build the indexed byte-level corpus")
     data.add_argument("--out", default="data/cache/corpus", help="output prefix (.bin/.idx are written)")
     data.add_argument("--source", action="append", default=None, help="text file or folder (repeatable)")
@@ -199,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Each command is a module of mgrow.jobs with ``main(args) -> exit code``, imported when it runs.
 COMMANDS = {"train": "train", "verify": "verify", "grow-checkpoint": "grow_checkpoint", "fuse": "fuse",
-            "plot": "plot", "data": "data", "import-hf": "hf:import_main", "export-hf": "hf:export_main"}
+            "plot": "plot", "data": "data", "plan": "plan", "import-hf": "hf:import_main", "export-hf": "hf:export_main"}
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,8 @@ def main(argv: list[str]) -> None:
     from mgrow.core import memory
     from mgrow.core.errors import ConfigError
     from mgrow.core.errors import GrowthError
-    from mgrow.transforms.grow import CHUNK_ELEMENTS, grow
+    from mgrow.transforms.estimate import CHUNK_ELEMENTS
+    from mgrow.transforms.grow import grow
     from mgrow.testing.harness import RandomBatches, check_config as train_config, gather_state
     from mgrow.engine.model import build_gpt
     from mgrow.core.model_config import ModelConfig

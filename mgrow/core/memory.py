@@ -70,31 +70,3 @@ def available_bytes(device, ranks_sharing: int) -> int:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     return free // max(1, ranks_sharing)
-
-
-def training_state_bytes(model, tp: int, pp: int, dp: int, sharded_optimizer: bool) -> int:
-    """About the bytes one rank holds for ``model`` (a ModelConfig): its share of the weights, the gradients
-    and Adam's fp32 state (two moments, and an fp32 master in bf16), the optimizer state split over ``dp``
-    when the optimizer shards it (DistributedOptimizer, ZeRO). Activations are not counted."""
-    per_rank = model.num_parameters() / (tp * pp)
-    weights = 2 if model.bf16 else 4
-    adam = 8 + (4 if model.bf16 else 0)
-    return int(per_rank * (weights + 4 + adam / (dp if sharded_optimizer else 1)))
-
-
-def growth_peak_bytes(old, new, tp: int, pp: int, dp: int, sharded_optimizer: bool) -> int:
-    """About a rank's peak while growing ``old`` into ``new``: both models' training state at once, and the
-    largest grown tensor held whole three times (old, grown, and a moment) in fp32."""
-    from mgrow.core.parameters import parameter_shapes
-
-    largest = max(_numel(shape) for shape in parameter_shapes(new).values())
-    both = training_state_bytes(old, tp, pp, dp, sharded_optimizer) + training_state_bytes(new, tp, pp, dp,
-                                                                                         sharded_optimizer)
-    return both + 3 * 4 * largest
-
-
-def _numel(shape) -> int:
-    out = 1
-    for size in shape:
-        out *= size
-    return out

@@ -26,6 +26,7 @@ from mgrow.train.metrics import RunLog
 from mgrow.train.resume import find_resume
 from mgrow.train.schedule import with_batch
 from mgrow.train.warm_start import explicit_init
+from mgrow.transforms import estimate
 from mgrow.transforms.grow import grow
 from mgrow.transforms.masks import GrowthMasks, MaskRamp
 from mgrow.transforms.transfer import apply as transfer
@@ -89,20 +90,23 @@ def train(cfg: TrainConfig, dims: ParallelDims | None = None, log=print) -> Trai
 
 
 def _check_memory(cfg: TrainConfig, models: list, dims: ParallelDims) -> None:
-    """Before the first step: the model, and each growth event's peak (old and grown model at once), fit in
-    every rank's memory, by the estimate of :mod:`mgrow.core.memory`; refused on every rank otherwise.
-    ``models``: the model the job starts from, then the one after each growth event still to come."""
+    """Before the first step: the model, and each growth event's peak (the old state and the growth's transient,
+    :mod:`mgrow.transforms.estimate`, the model ``mgrow plan`` uses), fit in every rank's memory on the rank
+    that needs the most; refused on every rank otherwise. ``models``: the model the job starts from, then the
+    one after each growth event still to come."""
     local_ranks = 1 if dims.is_cuda else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     least = min(collectives.gather_objects(memory.available_bytes(dims.device, local_ranks)))  # the same on all
-    sharded = cfg.optimizer.type != "adam"
-    layout = (dims.tp, dims.pp, dims.dp, sharded)
+    layout = estimate.JobLayout(dims.tp, dims.pp, dims.dp, cfg.optimizer.type)
     applied = len(cfg.growth) - (len(models) - 1)  # events already in the model the job starts from
-    needs = [("model", "the model needs", memory.training_state_bytes(models[0], *layout))]
+    first = estimate.shard_elements(models[0], dims.tp, dims.pp).values()
+    needs = [("model", "the model needs",
+              max(sum(estimate.state_bytes(e, models[0].bf16, layout).values()) for e in first))]
     for index, (old, new) in enumerate(zip(models, models[1:])):
-        needs.append((f"growth[{applied + index}].plan", "growing needs", memory.growth_peak_bytes(old, new, *layout)))
+        peak = max(rank.peak_bytes for rank in estimate.memory(old, new, layout).values())
+        needs.append((f"growth[{applied + index}].plan", "growing needs", peak))
     for field_name, what, need in needs:
         if need > least:
-            during = ", the old and the grown model at once" if field_name != "model" else ""
+            during = ", the old model and the growth's transient at once" if field_name != "model" else ""
             raise ConfigError(field_name, f"{what} about {need / 2**30:.1f} GiB on each rank (weights, gradients "
                                           f"and Adam state{during}); a rank has {least / 2**30:.1f} GiB available")
 

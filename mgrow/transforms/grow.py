@@ -51,7 +51,8 @@ from mgrow.parallel import collectives
 from mgrow.parallel import layout as layout_table
 from mgrow.parallel.optimizer_state import MOMENTS
 from mgrow.parallel.shards import gather_tp, move_between_stages, shard_rows, take_shard
-from mgrow.transforms import moves
+from mgrow.parallel.traffic import Traffic
+from mgrow.transforms import estimate, moves
 from mgrow.transforms.agreement import Agreement, PhaseFailure, RngState, agreed_step
 from mgrow.transforms.masks import GrowthMasks, free_masked_entries
 
@@ -71,6 +72,8 @@ class GrowthReport:
     stages_after: Optional[tuple] = None
     # this rank's stage-to-stage bytes per tensor pass and gathered parameters, from the table of moves
     planned_traffic: Optional[dict] = None
+    # what this rank's mover sent and received (mgrow.parallel.traffic's report), over every pass
+    moved_traffic: Optional[dict] = None
 
 
 def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = None, keep_old: bool = False,
@@ -142,7 +145,7 @@ def grow_job(job: GrowableJob, plan, *, check_tokens: Optional[torch.Tensor] = N
     report = GrowthReport(old_cfg.num_parameters(), grown.num_parameters(), seconds, diff, plan.to_dict(),
                           growth_masks if masked else None, peak, old_cfg, grown,
                           old_cfg.stage_split(dims.pp).layers, grown.stage_split(dims.pp).layers,
-                          mover.table.planned_bytes())
+                          mover.table.planned_bytes(), mover.traffic.report())
     return new_job, report
 
 
@@ -170,11 +173,6 @@ def grow(engine, cfg, plan, **options):
     return new_engine, new_engine.cfg, report
 
 
-# The old shards read in one bulk read are at most this many elements (fp32): the transient memory of a phase
-# is one chunk of one tensor kind (masters, or one Adam moment) plus the grown shards of its parameters.
-CHUNK_ELEMENTS = 1 << 26
-
-
 class _Mover:
     """Executes the table of moves (:mod:`mgrow.transforms.moves`) for the weights, then for each Adam moment.
 
@@ -196,25 +194,13 @@ class _Mover:
         # per grown parameter on this rank, from the weights pass: its index map (local, or full for a gathered
         # parameter); the moments follow the same map
         self.maps: dict = {}
-
-    def _chunks(self):
-        """The table in chunks of at most CHUNK_ELEMENTS old elements per stage (the same chunks on every rank)."""
-        chunk, size = [], 0
-        for move in self.table:
-            elements = 0 if move.old_shape is None else int(torch.Size(move.old_shape).numel())
-            if chunk and size + elements > CHUNK_ELEMENTS:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(move)
-            size += elements
-        if chunk:
-            yield chunk
+        # what the chunk loops send and receive (counted on the wire; the dry run predicts it from the table)
+        self.traffic = Traffic()
 
     def _old_shards(self, chunk, old_params, read):
-        """name -> this rank's old shard of each source this stage holds and some destination needs."""
-        stage = self.dims.stage
-        wanted = [m for m in chunk if m.source is not None and stage in m.holders
-                  and (stage in m.destinations or m.sends(stage))]
+        """name -> this rank's old shard of each source this stage holds and some destination needs, in one bulk
+        read (the transient memory of a phase is one chunk of one tensor kind plus the grown shards)."""
+        wanted = estimate.read_moves(chunk, self.dims.stage)
         tensors = read([old_params[m.source] for m in wanted])
         return {m.name: tensor for m, tensor in zip(wanted, tensors)}
 
@@ -274,7 +260,12 @@ class _Mover:
         state = engine.optimizer_state()
         new = by_global_name(new_model)
         failure = PhaseFailure()
-        for chunk in self._chunks():
+        with self.traffic:
+            self._weights(old, new, state, failure)
+        self.agree.check_phase(failure, "weights")
+
+    def _weights(self, old, new, state, failure) -> None:
+        for chunk in estimate.chunks(self.table):
             shards = self._old_shards(chunk, old, state.read)
             for move in chunk:
                 source = self._source_for(move, shards)
@@ -293,7 +284,6 @@ class _Mover:
                 except Exception as caught:  # noqa: BLE001 (agreed on, then raised on every rank)
                     failure.record(move.name, caught)
             del shards
-        self.agree.check_phase(failure, "weights")
 
     def set_masters(self, new_engine) -> None:
         """The new optimizer's fp32 masters from the grown fp32 shards (and the bf16 parameters from them)."""
@@ -314,9 +304,14 @@ class _Mover:
         new = by_global_name(new_engine.module)
 
         failure = PhaseFailure()
+        with self.traffic:
+            self._moments(old, new, old_state, new_state, failure)
+        self.agree.check_phase(failure, "optimizer state")
+
+    def _moments(self, old, new, old_state, new_state, failure) -> None:
         for key in MOMENTS:
             power = MOMENTS.index(key) + 1
-            for chunk in self._chunks():
+            for chunk in estimate.chunks(self.table):
                 shards = self._old_shards(chunk, old, lambda params: old_state.read(params, key))
                 for move in chunk:
                     if move.source is None:
@@ -336,7 +331,6 @@ class _Mover:
                     except Exception as caught:  # noqa: BLE001
                         failure.record(move.name, caught)
                 del shards
-        self.agree.check_phase(failure, "optimizer state")
 
 
 def _max_abs_diff(dims, before, after) -> float:

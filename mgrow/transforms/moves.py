@@ -116,25 +116,38 @@ class MoveTable:
 
 def build(bound, old_cfg: ModelConfig, dims) -> MoveTable:
     """The table of moves of grown model ``bound[-1].grown`` from ``old_cfg`` on this rank (``dims``)."""
+    return MoveTable(_moves_by_tp_rank(bound, old_cfg, dims.tp, dims.pp)[dims.tp_rank], dims.stage)
+
+
+def build_all(bound, old_cfg: ModelConfig, tp: int, pp: int) -> dict[tuple[int, int], MoveTable]:
+    """Every rank's table, by (stage, TP rank), from the layout alone: what a dry run of the growth reads (the
+    DP ranks of one (stage, TP rank) share a table)."""
+    by_rank = _moves_by_tp_rank(bound, old_cfg, tp, pp)
+    return {(stage, rank): MoveTable(by_rank[rank], stage) for stage in range(pp) for rank in range(tp)}
+
+
+def _moves_by_tp_rank(bound, old_cfg: ModelConfig, tp: int, pp: int) -> list[tuple[Move, ...]]:
     new_cfg = bound[-1].grown
     old_shapes, new_shapes = parameter_shapes(old_cfg), parameter_shapes(new_cfg)
-    moves = []
+    moves: list[list[Move]] = [[] for _ in range(tp)]
     for name, new_shape in new_shapes.items():
         source = original_source(bound, name)
-        holders = () if source is None else layout_table.stages_of(source, old_cfg, dims.pp)
-        destinations = layout_table.stages_of(name, new_cfg, dims.pp)
+        holders = () if source is None else layout_table.stages_of(source, old_cfg, pp)
+        destinations = layout_table.stages_of(name, new_cfg, pp)
         layout = layout_table.layout_of(name, new_cfg)
         old_shape = None if source is None else tuple(old_shapes[source])
         if layout.partition_dim is None:
-            moves.append(Move(name, source, holders, destinations, layout, old_shape, tuple(new_shape), True, None))
+            move = Move(name, source, holders, destinations, layout, old_shape, tuple(new_shape), True, None)
+            for rank in range(tp):
+                moves[rank].append(move)
             continue
-        order = _grown_order(bound, name, source, layout, old_shape, new_shape, new_cfg, dims.tp)
-        per_rank = [_shard_rows(layout, old_shape, new_shape, order, rank, dims.tp) for rank in range(dims.tp)]
+        order = _grown_order(bound, name, source, layout, old_shape, new_shape, new_cfg, tp)
+        per_rank = [_shard_rows(layout, old_shape, new_shape, order, rank, tp) for rank in range(tp)]
         local = all(_grows_locally(bound, name, source, rows) for rows, _, _ in per_rank)
-        rows, old_padding, new_padding = per_rank[dims.tp_rank]
-        moves.append(Move(name, source, holders, destinations, layout, old_shape, tuple(new_shape), local, rows,
-                          old_padding, new_padding))
-    return MoveTable(tuple(moves), dims.stage)
+        for rank, (rows, old_padding, new_padding) in enumerate(per_rank):
+            moves[rank].append(Move(name, source, holders, destinations, layout, old_shape, tuple(new_shape), local,
+                                    rows, old_padding, new_padding))
+    return [tuple(table) for table in moves]
 
 
 def _shard_rows(layout, old_shape, new_shape, order, rank: int, tp: int):

@@ -15,13 +15,16 @@ on the same ranks and the same plan:
   copy on a CUDA rank); a copy of n bytes reads n and writes n, so
   floor = (before + after) / (2 * bandwidth);
 * ``peak_device_bytes``: ``torch.cuda.max_memory_allocated`` during growth (CUDA ranks);
+* ``rss_growth_bytes``: per rank, its peak resident memory during growth (VmHWM, reset just before) minus
+  its resident memory just before: what ``mgrow plan`` estimates as the growth's transient;
 * ``throughput_ratio``: tokens/s of the grown engine over a freshly built
   engine of the same size, timed alternately in the same job (one step each
   in turn), and ``throughput_ratio_median_step`` from their median step times.
 
 * ``collective_calls``, ``sent_bytes``, ``received_bytes``: what each rank
   moved through torch.distributed during the in-memory growth
-  (:class:`mgrow.parallel.traffic.Traffic`; ``calls_by_op`` for rank 0).
+  (:class:`mgrow.parallel.traffic.Traffic`; ``calls_by_op`` for rank 0), and ``moved_by_rank``: what
+  each rank's mover sent and received by op (its chunk loops alone, the bytes ``mgrow plan`` predicts).
 
 ``--no-roundtrip`` and ``--throughput-steps 0`` leave out those two parts (a
 model of billions of parameters on one GPU). Rank 0 prints one JSON line;
@@ -113,6 +116,7 @@ def run(bench: "GrowthBench") -> int:
 
     dist.barrier()
     memory.rss_reset_peak()
+    rss_before = memory.rss_current()
     profiler = cProfile.Profile() if bench.profile and dims.rank == 0 else None
     if profiler:
         profiler.enable()
@@ -125,6 +129,7 @@ def run(bench: "GrowthBench") -> int:
     growth_seconds = _max(report.growth_seconds)
     after = state_bytes(grown)
     peaks = _gather(memory.rss_peak_process())
+    rss_growth = _gather(memory.rss_peak() - rss_before)
 
     roundtrip_seconds, parts = None, None
     if bench.roundtrip:
@@ -151,6 +156,7 @@ def run(bench: "GrowthBench") -> int:
         "state_bytes_before": _gather(before),
         "state_bytes_after": _gather(after),
         "peak_rss_bytes": peaks,
+        "rss_growth_bytes": rss_growth,
         "peak_device_bytes": report.peak_device_bytes,
         "roundtrip_over_growth": None if roundtrip_seconds is None else roundtrip_seconds / growth_seconds,
         "growth_over_floor": growth_seconds / floor,
@@ -166,6 +172,7 @@ def run(bench: "GrowthBench") -> int:
         "calls_by_rank": _gather(traffic.report()["calls"]),
         "p2p_bytes_by_rank": _gather({"sent": traffic.sent_by_op["send"], "received": traffic.received_by_op["recv"]}),
         "planned_by_rank": _gather(report.planned_traffic),
+        "moved_by_rank": _gather(report.moved_traffic),
     }
     if dims.rank == 0:
         print(json.dumps(result), flush=True)
