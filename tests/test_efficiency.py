@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from launch_utils import REPO, clean_env
-from mgrow.jobs.bench.efficiency import Curve, curve, summarize
+from mgrow.jobs.bench.efficiency import SCRATCH, Curve, best_lr, curve, summarize, summarize_seeds, sweep_table, trial_name
 from mgrow.jobs.bench.flops import forward_flops_per_token, training_flops_per_token
 from mgrow.core.model_config import ModelConfig
 
@@ -101,9 +101,85 @@ def test_bench_efficiency_runs_a_small_study(tmp_path):
     assert [g["step"] for g in growth] == [4] and growth[0]["max_abs_logit_diff"] < 1e-5
 
 
+def test_a_swept_study_picks_each_runs_best_lr_and_reruns_to_the_same_curve(tmp_path):
+    """Each run at each peak LR with the first seed, then at its own best LR with the second; the results file
+    holds every trial, and --rerun trains one again from its recorded config to the same curve, bit for bit."""
+    study = yaml.safe_load((REPO / "bench/efficiency.yaml").read_text())
+    study["final_model"].update(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                                max_sequence_length=32)
+    study["training"]["train"].update(seq_length=32, global_batch_size=4, micro_batch_size=4, eval_batches=2)
+    study["training"]["optimizer"].update(warmup_steps=2, lr=1e-3, min_lr=1e-4)
+    study["sizes"] = {"tiny": {"steps": 6, "eval_interval": 2, "lrs": [1e-3, 8e-3], "seeds": [7, 8]}}
+    study["runs"] = {"scratch": {}, "depth": {"model": {"num_layers": 1},
+                                              "growth": [{"at": 0.5, "plan": {"ops": [{"layers": {"num_layers": 2}}]}}]}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    command = [sys.executable, "-m", "mgrow.cli", "bench", "efficiency", "--study", str(path), "--size", "tiny",
+               "--out", str(tmp_path / "out"), "--jobs", "2"]
+    env = {**clean_env(), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results/study_tiny.json").read_text())
+    trials = results["trials"]
+    for run in ("scratch", "depth"):
+        finals = {lr: [r for r in trials[trial_name(run, lr, 7)]["metrics"] if "validation_loss" in r][-1]
+                  ["validation_loss"] for lr in (1e-3, 8e-3)}
+        best = min(finals, key=finals.get)
+        assert results["runs"][run]["lr"] == best and results["runs"][run]["lr_at_edge"]
+        assert set(t for t in trials if t.startswith(f"{run}-")) == {
+            trial_name(run, 1e-3, 7), trial_name(run, 8e-3, 7), trial_name(run, best, 8)}
+        second = trials[trial_name(run, best, 8)]["config"]
+        assert second["optimizer"]["lr"] == best and second["train"]["seed"] == 8
+        assert second["optimizer"]["min_lr"] == pytest.approx(best / 10)
+    assert "is at the edge of the sweep" in done.stderr
+    rerun = subprocess.run(command + ["--rerun", trial_name("depth", 1e-3, 7)], capture_output=True, text=True,
+                           timeout=200, cwd=REPO, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (line,) = [line for line in rerun.stdout.splitlines() if line.startswith("{")]
+    report = json.loads(line)
+    assert report["same_to_printed_digits"] and report["max_abs_diff"] == 0.0 and report["evaluations"] == 3
+
+
 def test_bench_efficiency_refuses_an_unknown_run(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "mgrow.cli", "bench", "efficiency", "--runs", "widht", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=60, cwd=REPO, env=clean_env())
     assert done.returncode == 2
     assert "mgrow: error: --runs: 'widht' is not a run of bench/efficiency.yaml" in done.stderr
+
+
+def test_the_published_study_recomputes_from_its_curves():
+    """bench/results/efficiency_full.json holds every trial's config and metrics: the curves, the best LR of each
+    run, the table of the README and every number in it are recomputed from them here."""
+    results = json.loads((REPO / "bench/results/efficiency_full.json").read_text())
+    seeds, trials = results["seeds"], results["trials"]
+    assert len(seeds) >= 2 and results["reference"] == SCRATCH
+    curves = {}
+    for run, row in results["runs"].items():
+        lrs = results["lrs"][run]
+        assert len(lrs) >= 3 and all(b / a == pytest.approx(2.0) for a, b in zip(lrs, lrs[1:]))
+        finals = {lr: curve(**_trial(trials, run, lr, seeds[0])).losses[-1] for lr in lrs}
+        assert best_lr(finals) == row["lr"] and lrs[0] < row["lr"] < lrs[-1], (run, finals)  # inside the sweep
+        assert row["sweep"] == {str(lr): loss for lr, loss in finals.items()}
+        curves[run] = [curve(**_trial(trials, run, row["lr"], seed)) for seed in seeds]
+        assert [{"flops": c.flops, "validation_loss": c.losses} for c in curves[run]] == results["curves"][run]
+        # every trial trained 1,200 steps at its own peak LR and seed (min_lr = lr / 10)
+        for lr in lrs:
+            config = trials[trial_name(run, lr, seeds[0])]["config"]
+            assert config["optimizer"]["lr"] == lr and config["optimizer"]["min_lr"] == pytest.approx(lr / 10)
+            assert config["optimizer"]["warmup_steps"] == (120 if run == SCRATCH else 20)
+        tokens = [r["tokens"] for r in trials[trial_name(run, row["lr"], seeds[0])]["metrics"] if "tokens" in r]
+        assert tokens[-1] == 1200 * 16 * 128
+    rows = summarize_seeds(curves, SCRATCH)
+    assert list(rows) == list(results["runs"]) and rows[SCRATCH]["flops_verdict"] == "reference"
+    for run, row in rows.items():
+        for key, value in row.items():
+            assert results["runs"][run][key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float)
+                                                 else value), (run, key)
+    readme = (REPO / "README.md").read_text()
+    assert sweep_table(results["runs"]) in readme
+
+
+def _trial(trials: dict, run: str, lr: float, seed: int) -> dict:
+    trial = trials[trial_name(run, lr, seed)]
+    return {"cfg": trial["config"], "metrics": trial["metrics"]}

@@ -16,6 +16,13 @@ For each run the study reports, against the scratch run's final validation loss 
 * ``flops_saved``: 1 - flops_to_target / the scratch run's own flops_to_target;
 * ``final_loss`` and ``scratch_loss_at_equal_flops``: its final validation
   loss, and the scratch run's validation loss at the same FLOPs (interpolated).
+
+A size may sweep the peak LR and repeat seeds (``lrs``, ``seeds``; see
+:class:`Sweep`): each run is then compared at its own best LR, every number as
+the mean and half-range over seeds (:func:`summarize_seeds`). A size's
+``training`` overrides the shared keys (the full study's corpus). The results
+file (``bench/results/<study>_<size>.json``) holds every trial's exact config,
+metrics and wall-clock seconds; ``--rerun TRIAL`` trains one again from it.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from mgrow.train.plot import read_metrics, save_figure
 
 SCRATCH = "scratch"
 _STUDY_KEYS = ("final_model", "training", "sizes", "growth_defaults", "runs")
-_RUN_KEYS = ("model", "training", "growth")
+_RUN_KEYS = ("model", "training", "growth", "lrs", "sizes")
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,11 @@ def run_configs(study: dict, size: str, out_dir: str) -> dict[str, dict]:
     configs = {}
     for name, run in study["runs"].items():
         run = run or {}
+        if size not in run.get("sizes", sizes):
+            continue
         training = json.loads(json.dumps(study["training"]))  # a deep copy
-        _merge(training, sizes[size].get("training"))
         _merge(training, run.get("training"))
+        _merge(training, sizes[size].get("training"))  # a size's keys hold for every run of that size
         training["train"].update(steps=steps, eval_interval=eval_interval,
                                  metrics_path=os.path.join(out_dir, f"{name}.jsonl"))
         events = [{**(study.get("growth_defaults") or {}),
@@ -142,6 +151,18 @@ class Sweep:
     @property
     def empty(self) -> bool:
         return not self.lrs and not self.seeds
+
+    def run_lrs(self, study: dict, run: str, size: str) -> tuple:
+        """The peak LRs of ``run``: its own ``lrs`` (a run the size's list does not suit), else the size's."""
+        own = (study["runs"][run] or {}).get("lrs")
+        if own is None:
+            return self.lrs
+        if not self.lrs:
+            raise ConfigError(f"runs.{run}.lrs", f"size {size!r} sweeps no LRs")
+        own = tuple(own)
+        if own != tuple(sorted(set(own))) or any(not 0 < lr for lr in own):
+            raise ConfigError(f"runs.{run}.lrs", f"need distinct positive LRs in increasing order, got {list(own)}")
+        return own
 
 
 def trial_name(run: str, lr: Optional[float], seed: Optional[int]) -> str:
@@ -182,8 +203,8 @@ def curve(cfg: dict, metrics: list[dict]) -> Curve:
     return Curve([f for f, _ in evaluations], [loss for _, loss in evaluations])
 
 
-def summarize(curves: dict[str, Curve]) -> dict[str, dict]:
-    scratch = curves[SCRATCH]
+def summarize(curves: dict[str, Curve], reference: str = SCRATCH) -> dict[str, dict]:
+    scratch = curves[reference]
     target = scratch.losses[-1]
     scratch_flops = scratch.flops_to_reach(target)  # its first evaluation at or under its final loss
     rows = {}
@@ -215,15 +236,15 @@ def _verdict(difference: Optional[float], spread: Optional[float], lower: str, h
     return "no difference" if abs(difference) <= spread else (lower if difference < 0 else higher)
 
 
-def summarize_seeds(curves: dict[str, list[Curve]]) -> dict[str, dict]:
+def summarize_seeds(curves: dict[str, list[Curve]], reference: str = SCRATCH) -> dict[str, dict]:
     """Replicate k is every run's k-th seed with the scratch run of that seed as its reference (the same
     seed gives every run the same data order); each replicate is summarized alone, then every number is
     reported as the mean over replicates, its half-range (``*_spread``) and its values (``*_by_seed``).
     A difference whose mean is within its spread is a verdict of "no difference"."""
-    replicates = len(curves[SCRATCH])
+    replicates = len(curves[reference])
     if any(len(runs) != replicates for runs in curves.values()):
         raise ValueError("every run needs one curve per seed")
-    per_seed = [summarize({name: runs[k] for name, runs in curves.items()}) for k in range(replicates)]
+    per_seed = [summarize({name: runs[k] for name, runs in curves.items()}, reference) for k in range(replicates)]
     rows = {}
     for name in curves:
         row = {}
@@ -236,9 +257,9 @@ def summarize_seeds(curves: dict[str, list[Curve]]) -> dict[str, dict]:
         row["loss_gap"], row["loss_gap_spread"] = _mean_and_spread(gaps)
         row["loss_gap_by_seed"] = gaps
         saving = None if row["flops_saved"] is None else -row["flops_saved"]
-        row["flops_verdict"] = ("reference" if name == SCRATCH else
+        row["flops_verdict"] = ("reference" if name == reference else
                                 _verdict(saving, row["flops_saved_spread"], "fewer FLOPs", "more FLOPs"))
-        row["loss_verdict"] = ("reference" if name == SCRATCH else
+        row["loss_verdict"] = ("reference" if name == reference else
                                _verdict(row["loss_gap"], row["loss_gap_spread"], "lower", "higher"))
         rows[name] = row
     return rows
@@ -249,7 +270,7 @@ def best_lr(final_losses: dict[float, float]) -> float:
     return min(final_losses, key=lambda lr: (final_losses[lr], lr))
 
 
-def plot(curves: dict, out_path: str, title: str) -> str:
+def plot(curves: dict, out_path: str, title: str, reference: str = SCRATCH) -> str:
     """Validation loss against FLOPs: one colour per run (scratch in black), one line per seed."""
     import matplotlib
 
@@ -260,11 +281,11 @@ def plot(curves: dict, out_path: str, title: str) -> str:
     colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for name, runs in curves.items():
         runs = runs if isinstance(runs, list) else [runs]
-        style = dict(color="black", linewidth=2) if name == SCRATCH else dict(color=next(colours), linewidth=1.2)
+        style = dict(color="black", linewidth=2) if name == reference else dict(color=next(colours), linewidth=1.2)
         for k, run in enumerate(runs):
             ax.plot([f / 1e12 for f in run.flops], run.losses, label=name if k == 0 else None,
                     linestyle=("-", "--", ":")[k % 3], **style)
-    scratch = curves[SCRATCH] if isinstance(curves[SCRATCH], list) else [curves[SCRATCH]]
+    scratch = curves[reference] if isinstance(curves[reference], list) else [curves[reference]]
     target = sum(run.losses[-1] for run in scratch) / len(scratch)
     ax.axhline(target, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("training FLOPs (1e12, analytic count)")
@@ -298,9 +319,10 @@ def sweep_table(rows: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         sweep = ", ".join(f"{float(lr):g}: {loss:.4f}" for lr, loss in row["sweep"].items())
-        saved = "reference" if name == SCRATCH else "not reached" if row["flops_saved"] is None else (
+        is_reference = row["flops_verdict"] == "reference"
+        saved = "reference" if is_reference else "not reached" if row["flops_saved"] is None else (
             _pm(row["flops_saved"], row["flops_saved_spread"], ".0f", 100) + f" % ({row['flops_verdict']})")
-        gap = "" if name == SCRATCH else (
+        gap = "" if is_reference else (
             _pm(row["loss_gap"], row["loss_gap_spread"], "+.4f") + f" ({row['loss_verdict']})")
         equal = _pm(row["scratch_loss_at_equal_flops"], row["scratch_loss_at_equal_flops_spread"], ".4f")
         lines.append(
@@ -415,47 +437,50 @@ def main(args) -> int:
     for name in only:
         if name not in configs:
             raise ConfigError("--runs", f"{name!r} is not a run of {args.study}; runs: {', '.join(configs)}")
-    only = [SCRATCH] + [name for name in only if name != SCRATCH]
+    reference = SCRATCH
+    only = [reference] + [name for name in only if name != reference]
     for name in only:
         from_dict(configs[name])  # every run's config is checked before the first one trains
-    lrs, seeds = sweep.lrs or (None,), sweep.seeds or (None,)
-    sweep_trials = [Trial(run, lr, seeds[0]) for run in only for lr in lrs]
+    lrs = {run: sweep.run_lrs(study, run, args.size) or (None,) for run in only}
+    seeds = sweep.seeds or (None,)
+    sweep_trials = [Trial(run, lr, seeds[0]) for run in only for lr in lrs[run]]
     done = _train_trials(sweep_trials, configs, args)
 
     def final(trial: Trial) -> float:
         return [r["validation_loss"] for r in done[trial.name][1] if "validation_loss" in r][-1]
 
-    best = {run: best_lr({lr: final(Trial(run, lr, seeds[0])) for lr in lrs}) if sweep.lrs else None
-            for run in only}
+    swept = not sweep.empty
+    best = {run: best_lr({lr: final(Trial(run, lr, seeds[0])) for lr in lrs[run]}) for run in only}
     seed_trials = [Trial(run, best[run], seed) for run in only for seed in seeds[1:]]
     done.update(_train_trials(seed_trials, configs, args))
     headline = {run: [Trial(run, best[run], seed) for seed in seeds] for run in only}
     curves = {run: [curve(*done[t.name][:2]) for t in trials] for run, trials in headline.items()}
-    rows = summarize_seeds(curves)
+    rows = summarize_seeds(curves, reference)
     for run, row in rows.items():
         trials = [t.name for t in sweep_trials + seed_trials if t.run == run]
         seconds = [done[t.name][2] for t in headline[run]]
         row.update(lr=best[run], seeds=list(seeds) if sweep.seeds else None,
-                   sweep={str(lr): final(Trial(run, lr, seeds[0])) for lr in lrs} if sweep.lrs else {},
-                   lr_at_edge=bool(sweep.lrs) and len(lrs) > 1 and best[run] in (lrs[0], lrs[-1]),
+                   sweep={str(lr): final(Trial(run, lr, seeds[0])) for lr in lrs[run]} if lrs[run] != (None,) else {},
+                   lr_at_edge=len(lrs[run]) > 1 and best[run] in (lrs[run][0], lrs[run][-1]),
                    sweep_flops=sum(curve(*done[t][:2]).flops[-1] for t in trials),
                    seconds=None if None in seconds else sum(seconds) / len(seconds), seconds_by_seed=seconds)
         if row["lr_at_edge"]:
             print(f"mgrow bench efficiency: {run}'s best peak LR {best[run]:g} is at the edge of the sweep "
-                  f"{list(lrs)}: widen sizes.{args.size}.lrs", file=sys.stderr)
-    result = {"study": args.study, "size": args.size, "lrs": list(sweep.lrs), "seeds": list(sweep.seeds),
+                  f"{list(lrs[run])}: widen its lrs", file=sys.stderr)
+    result = {"study": args.study, "size": args.size, "reference": reference,
+              "lrs": {run: list(values) for run, values in lrs.items()} if swept else {}, "seeds": list(sweep.seeds),
               "runs": rows, "curves": {run: [{"flops": c.flops, "validation_loss": c.losses} for c in runs]
                                        for run, runs in curves.items()},
               "trials": {name: {"config": config, "metrics": records, "seconds": seconds}
                          for name, (config, records, seconds) in done.items()}}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(result, f, indent=1)
-    if args.results or not sweep.empty:
+    if args.results or swept:
         os.makedirs(os.path.dirname(_results_path(args)) or ".", exist_ok=True)
         with open(_results_path(args), "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:
-        plot(curves, args.plot, f"{os.path.basename(args.study)} ({args.size})")
-    print(markdown_table(rows) if sweep.empty else sweep_table(rows), file=sys.stderr)
+        plot(curves, args.plot, f"{os.path.basename(args.study)} ({args.size})", reference)
+    print(sweep_table(rows) if swept else markdown_table(rows), file=sys.stderr)
     print(json.dumps({"study": args.study, "size": args.size, "runs": rows}))
     return 0
