@@ -7,14 +7,14 @@ job makes before its first step (:func:`mgrow.train.loop._check_memory`).
 amounts up to a partition's rounding) with P its elements of parameter shards
 (a padded vocabulary's rows included) and D the DP size, in bytes:
 
-==============================  ============  =========  ==============  ==============
-path                            weights       grads      fp32 masters    Adam moments
-==============================  ============  =========  ==============  ==============
-adam (Megatron DDP)             P w           4 P        4 P (bf16)      8 P
+===============================  ============  =========  ==============  ==============
+path                             weights       grads      fp32 masters    Adam moments
+===============================  ============  =========  ==============  ==============
+adam (Megatron DDP)              P w           4 P        4 P (bf16)      8 P
 megatron (DistributedOptimizer)  P w           4 P        4 P / D (bf16)  8 P / D
-zero1, zero2                    P w           P w        4 P / D         8 P / D
-zero3                           P w / D       P w / D    4 P / D         8 P / D
-==============================  ============  =========  ==============  ==============
+zero1, zero2                     P w           P w        4 P / D         8 P / D
+zero3                            P w / D       P w / D    4 P / D         8 P / D
+===============================  ============  =========  ==============  ==============
 
 w is 2 for bf16 parameters, else 4. Megatron's DDP reduces gradients in an fp32
 buffer (``grad_reduce_in_fp32``); with fp32 parameters its DistributedOptimizer
@@ -64,7 +64,7 @@ from mgrow.parallel import layout as layout_table
 FP32 = 4
 SHARDED = ("megatron", "zero1", "zero2", "zero3")
 MOMENTS = 2
-# elements of old shards one bulk read holds at most (the mover's chunk; mgrow.transforms.grow imports it)
+# elements of old tensors one chunk of the mover holds at most (:func:`chunks`, which the mover uses)
 CHUNK_ELEMENTS = 1 << 26
 
 
@@ -106,7 +106,7 @@ def _shard_numel(shape, layout, rank: int, tp: int) -> int:
     return math.prod(shape) // shape[layout.partition_dim] * rows
 
 
-def state_bytes(elements: int, bf16: bool, layout: JobLayout, with_grads: bool = True) -> dict[str, int]:
+def state_bytes(elements: int, bf16: bool, layout: JobLayout) -> dict[str, int]:
     """One rank's training state by kind (the table of the module docstring)."""
     w = 2 if bf16 else FP32
     opt = layout.optimizer
@@ -118,8 +118,6 @@ def state_bytes(elements: int, bf16: bool, layout: JobLayout, with_grads: bool =
         "masters": part * FP32 if (zero or bf16) else 0,
         "moments": MOMENTS * part * FP32,
     }
-    if not with_grads:
-        state["grads"] = 0
     return state
 
 
@@ -155,10 +153,10 @@ def memory(old: ModelConfig, new: ModelConfig, layout: JobLayout, largest_chunk:
     from the table of moves; without it, bounded by the chunk size and the largest grown shard."""
     before_elements = shard_elements(old, layout.tp, layout.pp)
     after_elements = shard_elements(new, layout.tp, layout.pp)
+    largest_shard = None if largest_chunk else _largest_shard(new, layout.tp)
     out = {}
     for key, grown in after_elements.items():
-        read, largest = (largest_chunk or {}).get(key) or (min(CHUNK_ELEMENTS, before_elements[key]),
-                                                           _largest_shard(new, layout.tp))
+        read, largest = (largest_chunk or {}).get(key) or (min(CHUNK_ELEMENTS, before_elements[key]), largest_shard)
         after = state_bytes(grown, new.bf16, layout)
         weights, maps = after["weights"], grown
         grads = after["grads"] if _grads_at_build(layout) else 0

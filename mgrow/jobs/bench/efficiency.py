@@ -185,7 +185,7 @@ def trial_config(config: dict, name: str, lr: Optional[float], seed: Optional[in
 def curve(cfg: dict, metrics: list[dict]) -> Curve:
     """Validation loss against cumulative training FLOPs, from a run's config and metrics records."""
 
-    train_cfg = from_dict(cfg)
+    train_cfg = from_dict({key: value for key, value in cfg.items() if key != "data"})  # (readable without it)
     seq = train_cfg.train.seq_length
     models = [train_cfg.model]
     for event in train_cfg.growth:
