@@ -245,12 +245,9 @@ def traffic(table, layout: JobLayout, bf16: bool, moments: bool = True) -> dict:
             for move in chunk:
                 if move.source is None:
                     continue
-                if move.local:
-                    nbytes = move.moved_elements() * FP32
-                else:  # gathered: the holders all-gather over TP, then the full tensor travels
-                    if stage in move.holders:
-                        out["all_gather"] += (tp - 1) * _old_shard_elements(move) * FP32
-                    nbytes = math.prod(move.old_shape) * FP32
+                if not move.local and stage in move.holders:  # gathered: all-gathered over TP, then sent whole
+                    out["all_gather"] += (tp - 1) * _old_shard_elements(move) * FP32
+                nbytes = move.moved_elements() * FP32  # this rank's old shard, or the whole old tensor if gathered
                 for destination in move.sends(stage):
                     to_stage[destination] = to_stage.get(destination, 0) + nbytes
                     out["send"] += nbytes
